@@ -1,0 +1,319 @@
+"""The one typed, validated config tree of a run.
+
+Contract
+--------
+- Sources, later wins: the model defaults below < a YAML file (``configs/*.yaml``) <
+  dotted CLI overrides (``prime.beta=0.1 generation.k=8``). YAML and overrides are merged
+  with OmegaConf (so ``${...}`` interpolation works); the result is validated by pydantic.
+- Every field is typed and documented with its unit; an unknown key or a bad value raises
+  ``ConfigError`` whose message names the dotted field (``prime.beta: ...``).
+- ``save_resolved`` writes the final config (``config.yaml``) into the run directory, so a
+  run can always be reproduced from its own directory.
+Not covered: what each component does with its fields (see the component's module).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+__all__ = [
+    "ConfigError",
+    "PrimeRunConfig",
+    "load_config",
+    "save_resolved",
+    "describe_fields",
+]
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the offending dotted field."""
+
+
+class _Section(BaseModel):
+    # unknown keys are errors; assignments after loading are validated too
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# ----------------------------------------------------------------------------- sections
+
+
+class ModelConfig(_Section):
+    policy_path: str = Field(
+        "runs/tiny/sft",
+        description="Path of the policy's starting weights (transformers directory; the SFT model). [path]",
+    )
+    prm_path: str | None = Field(
+        None, description="Path of the implicit PRM's starting weights; null = policy_path (paper: PRM initialised from the SFT model). [path]"
+    )
+    ref: Literal["sft", "policy_old"] = Field(
+        "sft",
+        description="Reference model for q_t: 'sft' = a frozen copy of the starting weights (ref_path); 'policy_old' = the behaviour/old-policy log-probs (no extra model). [enum]",
+    )
+    ref_path: str | None = Field(
+        None, description="Path of the frozen reference model; null = policy_path. [path]"
+    )
+    tokenizer_path: str | None = Field(
+        None, description="Path of the tokenizer; null = policy_path. [path]"
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="Parameter dtype of the learner's models (CPU: float32). [dtype]"
+    )
+
+
+class GenerationConfig(_Section):
+    engine: Literal["vllm", "hf"] = Field(
+        "vllm", description="Actor generation backend: vLLM or transformers generate. [enum]"
+    )
+    k: int = Field(4, ge=1, description="Responses sampled per prompt (K; RLOO/GRPO need K >= 2). [responses]")
+    temperature: float = Field(1.0, gt=0.0, le=10.0, description="Sampling temperature. [dimensionless]")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass. [probability]")
+    max_tokens: int = Field(3072, ge=1, description="Maximum response length. [tokens]")
+    max_prompt_tokens: int = Field(1024, ge=1, description="Prompts longer than this are skipped. [tokens]")
+    seed: int = Field(0, ge=0, description="Base sampling seed; each actor adds its id. [integer]")
+
+
+class PrimeConfig(_Section):
+    beta: float = Field(0.05, gt=0.0, description="β, scale of the implicit reward r_φ = β·q in the PRM loss. [dimensionless]")
+    prm_update: Literal["after", "before", "none"] = Field(
+        "after",
+        description="PRM update order: 'after' = single forward (paper default), 'before' = double forward (verl recipe), 'none' = frozen PRM. [enum]",
+    )
+    advantage: Literal["rloo", "grpo", "reinforce"] = Field(
+        "rloo", description="Advantage estimator combined with process rewards (paper Eq. 5, 7, 8). [enum]"
+    )
+    process_baseline: Literal["official", "paper"] = Field(
+        "official",
+        description="RLOO baseline for process rewards: 'official' = PRIME-RL code (extra (r−m_i)/(K−1) term), 'paper' = Eq. 5. [enum]",
+    )
+    prime_norm: Literal["batch_norm", "none"] = Field(
+        "batch_norm", description="Normalisation of process rewards before the leave-one-out (official default batch_norm). [enum]"
+    )
+    use_process_rewards: bool = Field(
+        True, description="False = outcome-only estimator (the paper's RLOO baseline); the PRM is then not used. [bool]"
+    )
+    gamma: float = Field(1.0, ge=0.0, le=1.0, description="Discount over response tokens. [dimensionless]")
+    filter_low: float = Field(0.2, ge=0.0, le=1.0, description="Accuracy filter: keep a group iff its mean outcome >= this. [fraction]")
+    filter_high: float = Field(0.8, ge=0.0, le=1.0, description="Accuracy filter: keep a group iff its mean outcome <= this. [fraction]")
+    drop_truncated: bool = Field(
+        False, description="Drop groups in which any response hit max_tokens. [bool]"
+    )
+
+    @model_validator(mode="after")
+    def _bounds(self):
+        if self.filter_low > self.filter_high:
+            raise ValueError(f"filter_low ({self.filter_low}) must be <= filter_high ({self.filter_high})")
+        return self
+
+
+class LossConfig(_Section):
+    clip_eps: float = Field(0.2, gt=0.0, lt=1.0, description="PPO clip range ε on π_θ/π_old. [dimensionless]")
+    correction: Literal["none", "truncate", "mask"] = Field(
+        "truncate",
+        description="Off-policy correction between behaviour μ and π_old: 'none', 'truncate' (TIS, weight min(π_old/μ, is_cap)), 'mask' (drop tokens with π_old/μ outside [1/is_cap, is_cap]). Not 'none' => π_old is recomputed by the learner (decoupled PPO). [enum]",
+    )
+    is_cap: float = Field(2.0, ge=1.0, description="Importance-weight cap C. [dimensionless]")
+    kl_coef: float = Field(0.0, ge=0.0, description="Coefficient of a KL(π_θ‖π_ref) penalty (official script: 0). [dimensionless]")
+    entropy_coef: float = Field(0.0, ge=0.0, description="Entropy bonus coefficient (official script: 0). [dimensionless]")
+
+
+class OptimizerConfig(_Section):
+    lr: float = Field(5e-7, gt=0.0, description="AdamW learning rate (constant). [1/step]")
+    weight_decay: float = Field(0.01, ge=0.0, description="AdamW decoupled weight decay. [dimensionless]")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW (β1, β2). [dimensionless]")
+    eps: float = Field(1e-8, gt=0.0, description="AdamW ε. [dimensionless]")
+    grad_clip: float = Field(1.0, gt=0.0, description="Global gradient-norm clip. [L2 norm]")
+    warmup_steps: int = Field(0, ge=0, description="Linear LR warm-up length (paper: 0). [optimiser steps]")
+
+    @model_validator(mode="after")
+    def _betas(self):
+        if not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"betas must lie in [0, 1), got {self.betas}")
+        return self
+
+
+class OptimConfig(_Section):
+    policy: OptimizerConfig = Field(
+        default_factory=OptimizerConfig,
+        description="Policy optimiser (paper: lr 5e-7, wd 0.01, clip 1.0). [section]",
+    )
+    prm: OptimizerConfig = Field(
+        default_factory=lambda: OptimizerConfig(lr=1e-6, weight_decay=0.0, grad_clip=10.0),
+        description="Implicit-PRM optimiser (paper: lr 1e-6, wd 0, clip 10). [section]",
+    )
+
+
+class BatchConfig(_Section):
+    prompts_per_step: int = Field(256, ge=1, description="Prompt groups (that pass the filter) per RL step. [groups]")
+    policy_mini_batch: int = Field(256, ge=1, description="Responses per policy optimiser step. [responses]")
+    prm_mini_batch: int = Field(256, ge=1, description="Responses per PRM optimiser step. [responses]")
+    ppo_epochs: int = Field(1, ge=1, description="Passes over each step's data. [epochs]")
+    micro_batch_tokens: int = Field(16384, ge=1, description="Token budget of one packed forward/backward micro-batch per rank. [tokens]")
+    max_buffered_groups: int = Field(1024, ge=0, description="Surplus filtered groups kept for later steps. [groups]")
+
+
+class AsyncConfig(_Section):
+    max_staleness: int = Field(
+        1, ge=0,
+        description="η: an actor may start a group only while its weights are at most η policy versions behind the learner; older finished groups are dropped and counted. 0 = synchronous. [policy versions]",
+    )
+    weight_sync: Literal["nccl", "gloo", "shm"] = Field(
+        "shm", description="Weight-broadcast backend to the actors. [enum]"
+    )
+    weight_sync_timeout_s: float = Field(120.0, gt=0.0, description="Deadline of one weight update. [s]")
+
+
+class TransportConfig(_Section):
+    trajectory_addr: str = Field(
+        "tcp://127.0.0.1:5555", description="ZeroMQ endpoint the learner binds for trajectory groups. [zmq endpoint]"
+    )
+    control_addr: str = Field(
+        "tcp://127.0.0.1:5556", description="ZeroMQ endpoint the learner binds for control (versions, admission, shutdown). [zmq endpoint]"
+    )
+    curve_secret_key: str | None = Field(
+        None, description="CURVE secret-key file; required when an endpoint binds beyond 127.0.0.1. [path]"
+    )
+    curve_public_keys_dir: str | None = Field(
+        None, description="Folder of peers' CURVE public keys. [path]"
+    )
+    heartbeat_s: float = Field(2.0, gt=0.0, description="Actor heartbeat period. [s]")
+    peer_timeout_s: float = Field(30.0, gt=0.0, description="An actor silent this long is considered dead. [s]")
+
+
+class LoggingConfig(_Section):
+    tensorboard: bool = Field(True, description="Write TensorBoard event files under <run_dir>/tb. [bool]")
+    log_every: int = Field(1, ge=1, description="Metrics logging period. [learner steps]")
+    console: bool = Field(True, description="Show a live progress line. [bool]")
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Python logging level. [enum]")
+
+
+class CheckpointConfig(_Section):
+    every: int = Field(50, ge=0, description="Checkpoint period; 0 = only at the end. [learner steps]")
+    keep_last: int = Field(2, ge=1, description="Checkpoints kept on disk. [checkpoints]")
+    resume: bool = Field(False, description="Resume from the newest checkpoint in <run_dir>/checkpoints. [bool]")
+    save_hf: bool = Field(True, description="Save the final policy with save_pretrained. [bool]")
+
+
+class RunConfig(_Section):
+    output_dir: str = Field("runs/default", description="Run directory: resolved config, events, checkpoints. [path]")
+    steps: int = Field(100, ge=1, description="RL steps to train. [learner steps]")
+    seed: int = Field(0, ge=0, description="Global seed. [integer]")
+    deterministic: bool = Field(False, description="torch deterministic algorithms (slower; for resume tests). [bool]")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Learner device; auto = cuda if available. [enum]")
+
+
+class PrimeRunConfig(_Section):
+    """The whole config tree of one run."""
+
+    run: RunConfig = Field(default_factory=RunConfig, description="Run-level settings. [section]")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="Model paths. [section]")
+    generation: GenerationConfig = Field(default_factory=GenerationConfig, description="Sampling. [section]")
+    prime: PrimeConfig = Field(default_factory=PrimeConfig, description="PRIME rewards and advantages. [section]")
+    loss: LossConfig = Field(default_factory=LossConfig, description="Policy loss. [section]")
+    optim: OptimConfig = Field(default_factory=OptimConfig, description="Optimisers. [section]")
+    batch: BatchConfig = Field(default_factory=BatchConfig, description="Batch sizes. [section]")
+    async_: AsyncConfig = Field(default_factory=AsyncConfig, alias="async", description="Asynchrony. [section]")
+    transport: TransportConfig = Field(default_factory=TransportConfig, description="ZeroMQ transport. [section]")
+    logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Logging. [section]")
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="Checkpoints. [section]")
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+
+    @model_validator(mode="after")
+    def _cross(self):
+        if self.prime.advantage in ("rloo", "grpo") and self.generation.k < 2:
+            raise ValueError(f"generation.k must be >= 2 for prime.advantage={self.prime.advantage!r}")
+        responses = self.batch.prompts_per_step * self.generation.k
+        for name in ("policy_mini_batch", "prm_mini_batch"):
+            mb = getattr(self.batch, name)
+            if responses % mb != 0:
+                raise ValueError(
+                    f"batch.{name} ({mb}) must divide the responses per step "
+                    f"(batch.prompts_per_step × generation.k = {responses})"
+                )
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict with the YAML spelling of keys (``async``, not ``async_``)."""
+        return self.model_dump(mode="json", by_alias=True)
+
+
+# ------------------------------------------------------------------------------ loading
+
+
+def _format_errors(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "<root>"
+        loc = loc.replace("async_", "async")
+        got = e.get("input")
+        got_s = "" if isinstance(got, dict) else f" (got {got!r})"
+        lines.append(f"{loc}: {e['msg']}{got_s}")
+    return "invalid config:\n  " + "\n  ".join(lines)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> PrimeRunConfig:
+    """Build the run config: defaults < YAML file at ``path`` < dotted ``overrides``.
+
+    Args: path: a YAML file or None; overrides: ``["prime.beta=0.1", "generation.k=8"]``.
+    Raises: ConfigError naming the field for an unknown key, a bad value, or a malformed override.
+    """
+    try:
+        base = OmegaConf.create({})
+        if path is not None:
+            p = Path(path)
+            if not p.is_file():
+                raise ConfigError(f"config file not found: {p}")
+            base = OmegaConf.load(p)
+        for o in overrides:
+            if "=" not in o or o.startswith("="):
+                raise ConfigError(f"override {o!r} is not of the form dotted.key=value")
+        merged = OmegaConf.merge(base, OmegaConf.from_dotlist(list(overrides)))
+        data = OmegaConf.to_container(merged, resolve=True)
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"cannot read config: {e}") from e
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config must be a mapping at the top level, got {type(data).__name__}")
+    try:
+        return PrimeRunConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e)) from None
+
+
+def save_resolved(cfg: PrimeRunConfig, run_dir: str | Path) -> Path:
+    """Write the resolved config to ``<run_dir>/config.yaml`` and return its path.
+    Loading that file with ``load_config`` gives an equal config."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    out = run_dir / "config.yaml"
+    tmp = out.with_suffix(".yaml.tmp")
+    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    tmp.replace(out)
+    return out
+
+
+def describe_fields(cfg: BaseModel | None = None, prefix: str = "") -> list[tuple[str, str, Any, str]]:
+    """Every leaf field of ``cfg`` (default: the default config) as
+    (dotted name, type, value, description), sections expanded."""
+    cfg = PrimeRunConfig() if cfg is None else cfg
+    rows = []
+    for name, f in type(cfg).model_fields.items():
+        dotted = f"{prefix}{f.alias or name}"
+        value = getattr(cfg, name)
+        if isinstance(value, BaseModel):
+            rows.extend(describe_fields(value, dotted + "."))
+        else:
+            rows.append((dotted, _type_name(f.annotation), value, f.description or ""))
+    return rows
+
+
+def _type_name(ann: Any) -> str:
+    s = getattr(ann, "__name__", None) if isinstance(ann, type) else None
+    return s or str(ann).replace("typing.", "")

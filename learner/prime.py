@@ -1,0 +1,377 @@
+"""PRIME math as pure tensor functions.
+
+Contract
+--------
+- Pure: tensors in, tensors out. No I/O, no ``torch.distributed``, no config objects; the
+  trainer maps config fields onto keyword arguments.
+- Layout: rows are responses, shape ``[B, T]``; the K responses of one prompt are K
+  consecutive rows (so ``B % K == 0``); ``mask`` is 1.0 on response tokens (EOS included)
+  and 0.0 on padding. Masked-out positions never influence any result on masked-in
+  positions, and every loss ignores them.
+- Names follow the paper (Cui et al. 2025, arXiv 2502.01456) and
+  ``../shared/docs/prime-algorithm.md`` (section numbers below refer to it).
+
+Not covered here: model forwards (log-prob computation), batching, sharding, optimisers.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "implicit_process_rewards",
+    "prm_ce_loss",
+    "prime_batch_norm",
+    "reverse_cumsum",
+    "place_on_last_token",
+    "rloo_returns",
+    "grpo_returns",
+    "reinforce_returns",
+    "zero_pad",
+    "masked_mean",
+    "masked_whiten",
+    "policy_loss",
+    "accuracy_filter",
+]
+
+WHITEN_EPS = 1e-8
+PRIME_NORM_EPS = 1e-6
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def zero_pad(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """x where mask is set, else 0; non-finite values on padding (−inf log-probs) vanish
+    instead of turning into NaN as they would under ``x * mask``. Shapes: [B, T] -> [B, T]."""
+    return torch.where(mask > 0, x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Mean of ``x`` over positions where ``mask`` is 1.
+
+    Args: x, mask: [B, T] (any broadcastable shapes). dim: reduce over this dim, or all.
+    Returns: a scalar, or x reduced along ``dim``. An empty mask gives 0, not NaN.
+    """
+    xm = zero_pad(x, mask)
+    mask = mask.to(x.dtype)
+    num = xm.sum() if dim is None else xm.sum(dim)
+    den = mask.sum() if dim is None else mask.sum(dim)
+    return num / den.clamp(min=1.0)
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(x − μ) / sqrt(var + 1e-8), with μ and the unbiased variance over masked entries.
+
+    Args: x: [B, T]; mask: [B, T], 1.0 where an entry counts.
+    Returns: [B, T]. Every entry goes through the same affine map, so entries outside the
+    mask come out transformed too; they never affect μ or var, and callers mask them.
+    """
+    mask = mask.to(x.dtype)
+    n = mask.sum()
+    if n < 2:
+        raise ValueError(f"masked_whiten needs at least 2 masked entries, got {int(n.item())}")
+    mu = zero_pad(x, mask).sum() / n
+    var = (zero_pad(x - mu, mask) ** 2).sum() / (n - 1)
+    return (x - mu) * torch.rsqrt(var + WHITEN_EPS)
+
+
+def reverse_cumsum(x: torch.Tensor, gamma: float = 1.0) -> torch.Tensor:
+    """Discounted reverse cumulative sum along the last dim: out[..., t] = Σ_{s≥t} γ^{s−t} x[..., s].
+
+    Args: x: [B, T]. Returns: [B, T].
+    """
+    if gamma == 1.0:
+        return x.flip(-1).cumsum(-1).flip(-1)
+    out = torch.empty_like(x)
+    running = torch.zeros_like(x[..., 0])
+    for t in range(x.shape[-1] - 1, -1, -1):
+        running = x[..., t] + gamma * running
+        out[..., t] = running
+    return out
+
+
+def place_on_last_token(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Put one value per response on its last response token (the EOS position).
+
+    Args: values: [B]; mask: [B, T]. Returns: [B, T], zero elsewhere. A response with no
+    response token gets nothing (its row is all zero).
+    """
+    B, T = mask.shape
+    m = mask > 0
+    # index of the last True in each row: T-1 minus the first True of the flipped row
+    last = (T - 1) - m.flip(-1).to(torch.int64).argmax(-1)
+    out = torch.zeros(B, T, dtype=values.dtype, device=values.device)
+    has_any = m.any(-1)
+    rows = torch.arange(B, device=mask.device)[has_any]
+    out[rows, last[has_any]] = values[has_any]
+    return out
+
+
+def _float_dtype(outcome: torch.Tensor, process_rewards: torch.Tensor | None) -> torch.dtype:
+    """The floating dtype the returns are computed in: the process rewards', else the
+    outcome's, else float32 (for integer 0/1 outcomes)."""
+    if process_rewards is not None:
+        return process_rewards.dtype
+    return outcome.dtype if outcome.is_floating_point() else torch.float32
+
+
+def _check_group(B: int, group_size: int, need: int = 2) -> None:
+    if group_size < need:
+        raise ValueError(f"group_size must be >= {need}, got {group_size}")
+    if B % group_size != 0:
+        raise ValueError(f"batch of {B} responses is not a whole number of groups of {group_size}")
+
+
+# ------------------------------------------------------------------- §2 process reward
+
+
+def implicit_process_rewards(
+    prm_logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    """Implicit process rewards q_t = (log π_φ(y_t|y_<t) − log π_ref(y_t|y_<t)) · mask  (§2).
+
+    Args: prm_logp, ref_logp, mask: [B, T] (log-probs of the sampled tokens).
+    Returns: q: [B, T]; zero on padding. r_φ(y_t) = β·q_t.
+    """
+    return zero_pad(prm_logp - ref_logp, mask)
+
+
+def prm_ce_loss(
+    prm_logp: torch.Tensor,
+    ref_logp: torch.Tensor,
+    mask: torch.Tensor,
+    outcome: torch.Tensor,
+    beta: float,
+) -> torch.Tensor:
+    """Online PRM cross-entropy on outcome labels (§3).
+
+    L_CE = − mean_y [ r_o·log σ(β Σ_t q_t) + (1 − r_o)·log(1 − σ(β Σ_t q_t)) ]
+
+    Args: prm_logp, ref_logp, mask: [B, T]; outcome: [B] in [0, 1] (fractional for code);
+    beta: β > 0. Returns: scalar. Computed from logits, stable for large |β Σ q|.
+    """
+    q = implicit_process_rewards(prm_logp, ref_logp, mask)
+    score = beta * q.sum(-1)
+    return F.binary_cross_entropy_with_logits(score, outcome.to(score.dtype), reduction="mean")
+
+
+def prime_batch_norm(process_rewards: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``prime_norm = batch_norm`` (§2): divide every process reward by
+    (max over the batch of |reverse cumsum of a response's rewards| + 1e-6).
+
+    Args: process_rewards, mask: [B, T]. Returns: [B, T], zero on padding.
+    """
+    r = zero_pad(process_rewards, mask)
+    scale = reverse_cumsum(r).abs().max()
+    return r / (scale + PRIME_NORM_EPS)
+
+
+def _normed_process(process_rewards, mask, prime_norm):
+    if prime_norm == "batch_norm":
+        return prime_batch_norm(process_rewards, mask)
+    if prime_norm == "none":
+        return zero_pad(process_rewards, mask)
+    raise ValueError(f"prime_norm must be 'batch_norm' or 'none', got {prime_norm!r}")
+
+
+# ------------------------------------------------------------------------ §4 advantages
+
+
+def rloo_returns(
+    process_rewards: torch.Tensor | None,
+    outcome: torch.Tensor,
+    mask: torch.Tensor,
+    group_size: int,
+    process_baseline: Literal["official", "paper"] = "official",
+    prime_norm: Literal["batch_norm", "none"] = "batch_norm",
+    gamma: float = 1.0,
+) -> torch.Tensor:
+    """RLOO returns from process and outcome rewards (paper Eq. 5; §4).
+
+    Per reward source, a leave-one-out baseline within each group of K = group_size:
+      process (after ``prime_norm``), with m_j the per-token mean of r over response j:
+        official: r̃_{i,t} = r_{i,t}·K/(K−1) − (Σ_{j=1..K} m_j)/(K−1)   (PRIME-RL code)
+        paper:    r̃_{i,t} = r_{i,t} − (Σ_{j≠i} m_j)/(K−1)                (Eq. 5)
+      outcome: r_o(y^i) − (1/(K−1)) Σ_{j≠i} r_o(y^j), placed on the last response token.
+    Returns = Σ_{s≥t} γ^{s−t} (r̃^process_s + r̃^outcome_s), the two sources summed 1:1.
+    Whiten them with ``masked_whiten`` to get the advantages.
+
+    Args: process_rewards: [B, T] (q_t or β·q_t; the scale cancels under batch_norm) or
+    None for outcome-only RLOO (the paper's baseline); outcome: [B]; mask: [B, T];
+    group_size: K ≥ 2 with B % K == 0. Returns: [B, T], zero on padding.
+    """
+    B, T = mask.shape
+    K = group_size
+    _check_group(B, K)
+    maskf = mask.to(_float_dtype(outcome, process_rewards))
+    outcome = outcome.to(maskf.dtype)
+
+    # outcome: exact leave-one-out within the group
+    o = outcome.view(B // K, K)
+    o_loo = o - (o.sum(-1, keepdim=True) - o) / (K - 1)
+    total = place_on_last_token(o_loo.reshape(B), mask)
+
+    if process_rewards is not None:
+        r = _normed_process(process_rewards.to(maskf.dtype), maskf, prime_norm)
+        m = masked_mean(r, maskf, dim=-1).view(B // K, K)  # per-response token mean
+        g_sum = m.sum(-1, keepdim=True)  # Σ_j m_j
+        if process_baseline == "official":
+            r_t = r.view(B // K, K, T) * (K / (K - 1)) - (g_sum / (K - 1)).unsqueeze(-1)
+        elif process_baseline == "paper":
+            r_t = r.view(B // K, K, T) - ((g_sum - m) / (K - 1)).unsqueeze(-1)
+        else:
+            raise ValueError(
+                f"process_baseline must be 'official' or 'paper', got {process_baseline!r}"
+            )
+        total = total + zero_pad(r_t.reshape(B, T), maskf)
+
+    return zero_pad(reverse_cumsum(total, gamma), maskf)
+
+
+def grpo_returns(
+    process_rewards: torch.Tensor | None,
+    outcome: torch.Tensor,
+    mask: torch.Tensor,
+    group_size: int,
+    prime_norm: Literal["batch_norm", "none"] = "batch_norm",
+    gamma: float = 1.0,
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """GRPO with implicit process rewards (paper Eq. 7).
+
+      A^i_t = (r_o^i − mean_j r_o^j) / (std_j r_o^j + eps)
+            + Σ_{s≥t} γ^{s−t} (r_{i,s} − mean_j m_j) / (std_j m_j + eps)
+    with m_j = per-token mean of response j's process rewards (r_φ(y^j)/|y^j|); mean and
+    std (unbiased) over the K responses of the group. The normalised outcome term sits on
+    the last token, so with γ = 1 every token of response i carries it.
+
+    Args: as ``rloo_returns``; process_rewards None gives outcome-only GRPO.
+    Returns: [B, T], zero on padding.
+    """
+    B, T = mask.shape
+    K = group_size
+    _check_group(B, K)
+    maskf = mask.to(_float_dtype(outcome, process_rewards))
+    o = outcome.to(maskf.dtype).view(B // K, K)
+    o_n = (o - o.mean(-1, keepdim=True)) / (o.std(-1, keepdim=True) + eps)
+    total = place_on_last_token(o_n.reshape(B), mask)
+    if process_rewards is not None:
+        r = _normed_process(process_rewards.to(maskf.dtype), maskf, prime_norm)
+        m = masked_mean(r, maskf, dim=-1).view(B // K, K)
+        mu, sd = m.mean(-1, keepdim=True), m.std(-1, keepdim=True)
+        r_n = (r.view(B // K, K, T) - mu.unsqueeze(-1)) / (sd.unsqueeze(-1) + eps)
+        total = total + zero_pad(r_n.reshape(B, T), maskf)
+    return zero_pad(reverse_cumsum(total, gamma), maskf)
+
+
+def reinforce_returns(
+    process_rewards: torch.Tensor | None,
+    outcome: torch.Tensor,
+    mask: torch.Tensor,
+    prime_norm: Literal["batch_norm", "none"] = "batch_norm",
+    gamma: float = 1.0,
+) -> torch.Tensor:
+    """REINFORCE with implicit process rewards (paper Eq. 8): A^i_t = r_o^i + Σ_{s≥t} r_{i,s}.
+
+    With γ ≠ 1 the outcome (on the last token) and the process rewards are discounted
+    together. Args: process_rewards: [B, T] or None; outcome: [B]; mask: [B, T].
+    Returns: [B, T], zero on padding.
+    """
+    maskf = mask.to(_float_dtype(outcome, process_rewards))
+    total = place_on_last_token(outcome.to(maskf.dtype), mask)
+    if process_rewards is not None:
+        total = total + _normed_process(process_rewards.to(maskf.dtype), maskf, prime_norm)
+    return zero_pad(reverse_cumsum(total, gamma), maskf)
+
+
+# ------------------------------------------------------------------------ §5 policy loss
+
+
+def policy_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    behav_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_eps: float = 0.2,
+    correction: Literal["none", "truncate", "mask"] = "none",
+    is_cap: float = 2.0,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Importance-corrected PPO-clip loss, token-level mean over response tokens (§5, §9).
+
+    ratio_t = exp(logp − old_logp);  ℓ_t = max(−A_t·ratio_t, −A_t·clip(ratio_t, 1−ε, 1+ε))
+    ρ_t = exp(old_logp − behav_logp) (π_old/μ, detached), and the per-token weight w_t:
+      none: 1;  truncate: min(ρ_t, is_cap);  mask: 1 if 1/is_cap ≤ ρ_t ≤ is_cap else 0.
+    loss = Σ_t w_t·ℓ_t·mask_t / Σ_t mask_t   (a masked token keeps its place in the
+    denominator: masking zeroes its weight, it does not re-normalise the others).
+
+    Args: logp (with grad), old_logp, behav_logp, advantages, mask: [B, T].
+    Returns: (scalar loss, metrics). Metrics (0-dim detached tensors):
+      clip_frac: share of response tokens where the clipped term is the active one;
+      is_weight_mean: mean applied weight w; is_ratio_mean: mean raw ρ;
+      is_masked_frac: share of tokens with ρ outside [1/is_cap, is_cap] (what ``mask`` drops);
+      mismatch_kl: k3 estimate of KL(μ‖π_old) = mean((ρ − 1) − log ρ) over tokens from μ;
+      ratio_mean: mean of ratio_t; approx_kl: k3 estimate of KL(π_old‖π_θ), mean((r − 1) − log r)
+      with r = ratio_t.
+    """
+    if clip_eps <= 0:
+        raise ValueError(f"clip_eps must be > 0, got {clip_eps}")
+    if is_cap < 1.0:
+        raise ValueError(f"is_cap must be >= 1, got {is_cap}")
+    maskf = mask.to(logp.dtype)
+    # zero the padding first: garbage (even ±inf) there must not reach the loss or the grads
+    logp, old_logp, behav_logp, advantages = (
+        zero_pad(t, mask) for t in (logp, old_logp, behav_logp, advantages)
+    )
+    log_ratio = logp - old_logp
+    ratio = torch.exp(log_ratio)
+    loss_unclipped = -advantages * ratio
+    loss_clipped = -advantages * torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
+    per_token = torch.maximum(loss_unclipped, loss_clipped)
+
+    with torch.no_grad():
+        log_rho = (old_logp - behav_logp).to(logp.dtype)
+        rho = torch.exp(log_rho)
+        in_band = (rho >= 1.0 / is_cap) & (rho <= is_cap)
+        if correction == "none":
+            w = torch.ones_like(rho)
+        elif correction == "truncate":
+            w = torch.clamp(rho, max=is_cap)
+        elif correction == "mask":
+            w = in_band.to(rho.dtype)
+        else:
+            raise ValueError(f"correction must be 'none', 'truncate' or 'mask', got {correction!r}")
+
+    loss = (per_token * w * maskf).sum() / maskf.sum().clamp(min=1.0)
+
+    with torch.no_grad():
+        metrics = {
+            "clip_frac": masked_mean((loss_clipped > loss_unclipped).to(maskf.dtype), maskf),
+            "is_weight_mean": masked_mean(w, maskf),
+            "is_ratio_mean": masked_mean(rho, maskf),
+            "is_masked_frac": masked_mean((~in_band).to(maskf.dtype), maskf),
+            "mismatch_kl": masked_mean((rho - 1.0) - log_rho, maskf),
+            "ratio_mean": masked_mean(ratio.detach(), maskf),
+            "approx_kl": masked_mean((ratio.detach() - 1.0) - log_ratio.detach(), maskf),
+        }
+    return loss, metrics
+
+
+# ---------------------------------------------------------------------- §6 data filter
+
+
+def accuracy_filter(
+    outcome: torch.Tensor, group_size: int, low: float = 0.2, high: float = 0.8
+) -> torch.Tensor:
+    """Keep a prompt group iff low ≤ mean outcome of its K responses ≤ high (inclusive, §6).
+
+    Args: outcome: [B] with B % K == 0. Returns: bool [B // K].
+    The mean is taken in float64 with a 1e-9 slack so that 1/5 counts as 0.2.
+    """
+    _check_group(outcome.shape[0], group_size, need=1)
+    acc = outcome.to(torch.float64).view(-1, group_size).mean(-1)
+    return (acc >= low - 1e-9) & (acc <= high + 1e-9)

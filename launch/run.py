@@ -1,0 +1,58 @@
+"""One-machine launcher.
+
+For now it runs the setup self-check (common/selfcheck.py): config, vLLM on a tiny model,
+and one PRIME step in torch. The end-to-end PRIME run (actors + torchrun learner) replaces
+it when it lands; the command line stays the same.
+
+    python launch/run.py [--config FILE] [--steps N] [--output-dir DIR] [--no-vllm] [key=value ...]
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from common.config import ConfigError, load_config  # noqa: E402
+
+
+def parse(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default=str(ROOT / "configs" / "tiny.yaml"), help="YAML config (default: configs/tiny.yaml)")
+    ap.add_argument("--steps", type=int, help="shorthand for run.steps=N")
+    ap.add_argument("--output-dir", help="shorthand for run.output_dir=DIR")
+    ap.add_argument("--no-vllm", action="store_true", help="self-check: sample with torch instead of vLLM")
+    ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. prime.beta=0.1")
+    args = ap.parse_args(argv)
+    overrides = list(args.overrides)
+    if args.steps is not None:
+        overrides.append(f"run.steps={args.steps}")
+    if args.output_dir is not None:
+        overrides.append(f"run.output_dir={args.output_dir}")
+    try:
+        cfg = load_config(args.config, overrides)
+    except ConfigError as e:
+        ap.exit(2, f"error: {e}\n")
+    return cfg, args
+
+
+def main(argv=None):
+    cfg, args = parse(argv)
+    from rich.console import Console
+    from rich.table import Table
+
+    from common.selfcheck import run_selfcheck
+
+    console = Console()
+    console.print("[bold]Self-check[/bold] (the end-to-end PRIME run is not implemented yet)")
+    result = run_selfcheck(cfg, cfg.run.output_dir, use_vllm=not args.no_vllm)
+    table = Table("check", "value")
+    for k, v in result.items():
+        table.add_row(k, f"{v:.3g}" if isinstance(v, float) else str(v))
+    console.print(table)
+    console.print(f"self-check passed in {result['total_s']} s; run directory: {cfg.run.output_dir}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,117 @@
+"""The typed config tree: YAML + dotted overrides, validation naming the field, resolved
+config written and re-loadable, every field documented with a unit."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from common.config import ConfigError, PrimeRunConfig, describe_fields, load_config, render_markdown, save_resolved
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "tiny.yaml"
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_loads(path):
+    cfg = load_config(path)
+    assert isinstance(cfg, PrimeRunConfig)
+
+
+def test_defaults_are_the_papers():
+    c = PrimeRunConfig()
+    assert (c.prime.beta, c.prime.prm_update, c.prime.process_baseline, c.prime.prime_norm) == (
+        0.05, "after", "official", "batch_norm")
+    assert (c.prime.filter_low, c.prime.filter_high, c.generation.k) == (0.2, 0.8, 4)
+    assert (c.loss.clip_eps, c.optim.policy.lr, c.optim.prm.lr) == (0.2, 5e-7, 1e-6)
+    assert (c.optim.policy.grad_clip, c.optim.prm.grad_clip, c.optim.prm.weight_decay) == (1.0, 10.0, 0.0)
+
+
+def test_yaml_then_overrides_win():
+    cfg = load_config(TINY, ["prime.beta=0.1", "async.max_staleness=3", "optim.prm.lr=2e-6", "loss.correction=mask"])
+    assert cfg.prime.beta == 0.1 and cfg.async_.max_staleness == 3
+    assert cfg.optim.prm.lr == 2e-6 and cfg.loss.correction == "mask"
+    assert cfg.generation.max_tokens == 96  # from the YAML, not the default 3072
+
+
+@pytest.mark.parametrize(
+    "override, field",
+    [
+        ("prime.beta=-1", "prime.beta"),
+        ("prime.beta=abc", "prime.beta"),
+        ("generation.k=2.5", "generation.k"),
+        ("generation.top_p=1.5", "generation.top_p"),
+        ("loss.correction=tis", "loss.correction"),
+        ("prime.prm_update=sometimes", "prime.prm_update"),
+        ("async.max_staleness=-1", "async.max_staleness"),
+        ("optim.policy.betas=[0.9,1.0]", "optim.policy.betas"),
+        ("prime.filter_low=0.9", "prime.filter_low"),
+        ("batch.policy_mini_batch=7", "batch.policy_mini_batch"),
+        ("generation.k=1", "generation.k"),
+    ],
+)
+def test_bad_values_name_the_field(override, field):
+    with pytest.raises(ConfigError, match=re.escape(field)):
+        load_config(TINY, [override])
+
+
+@pytest.mark.parametrize("override, field", [("prime.bta=0.1", "prime.bta"), ("nosuch.key=1", "nosuch")])
+def test_unknown_keys_fail(override, field):
+    with pytest.raises(ConfigError, match=re.escape(field) + ".*not permitted"):
+        load_config(TINY, [override])
+
+
+def test_unknown_key_in_yaml_fails(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("prime:\n  beta: 0.05\n  betta: 0.1\n")
+    with pytest.raises(ConfigError, match=r"prime\.betta"):
+        load_config(p)
+
+
+def test_malformed_inputs(tmp_path):
+    with pytest.raises(ConfigError, match="not of the form"):
+        load_config(TINY, ["prime.beta"])
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+    p = tmp_path / "list.yaml"
+    p.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError):
+        load_config(p)
+
+
+def test_resolved_config_round_trip(tmp_path):
+    cfg = load_config(TINY, ["prime.beta=0.125", "async.max_staleness=4"])
+    out = save_resolved(cfg, tmp_path / "run")
+    assert out == tmp_path / "run" / "config.yaml"
+    text = out.read_text()
+    assert "async:" in text and "async_" not in text
+    again = load_config(out)
+    assert again == cfg and again.prime.beta == 0.125
+
+
+def test_every_field_documented_with_unit():
+    rows = describe_fields()
+    assert len(rows) > 50
+    for name, _typ, _default, desc in rows:
+        assert re.search(r"\[[^\]]+\]$", desc), f"{name} lacks a description ending in [unit]"
+    names = {r[0] for r in rows}
+    for required in ["model.policy_path", "generation.k", "generation.temperature", "generation.top_p",
+                     "generation.max_tokens", "prime.beta", "prime.prm_update", "prime.process_baseline",
+                     "prime.prime_norm", "prime.filter_low", "prime.filter_high", "loss.clip_eps",
+                     "loss.correction", "loss.is_cap", "optim.policy.lr", "optim.prm.lr",
+                     "batch.prompts_per_step", "async.max_staleness", "transport.trajectory_addr",
+                     "logging.tensorboard", "checkpoint.every"]:
+        assert required in names
+
+
+def test_docs_config_md_is_current():
+    assert (ROOT / "docs" / "config.md").read_text() == render_markdown(), "run: python launch/config_docs.py"
+
+
+def test_launcher_rejects_bad_override_with_field_name():
+    r = subprocess.run([sys.executable, str(ROOT / "launch" / "run.py"), "prime.beta=-3"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert "prime.beta" in r.stderr

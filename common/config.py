@@ -140,6 +140,22 @@ class OptimConfig(_Section):
     )
 
 
+class VerifierConfig(_Section):
+    workers: int = Field(2, ge=1, description="Verifier worker processes per actor. [processes]")
+    max_queue: int = Field(256, ge=1, description="Responses waiting for a verifier before submit blocks (back-pressure). [responses]")
+    math_timeout_s: float = Field(5.0, gt=0.0, description="Time limit of one math verdict. [s]")
+    code_timeout_s: float = Field(10.0, gt=0.0, description="Time limit of one code verdict (all its tests). [s]")
+    grace_s: float = Field(2.0, ge=0.0, description="Extra time before a stuck worker is killed. [s]")
+    allow_unsandboxed: bool = Field(
+        False,
+        description="Run model code without bubblewrap (rlimits only) where bubblewrap cannot run; logs a warning at start. Off: such code gets sandbox_error. [bool]",
+    )
+    sandbox_memory_mb: int = Field(1024, ge=16, description="Address-space limit of a sandboxed program. [MiB]")
+    sandbox_cpu_s: int = Field(10, ge=1, description="CPU-time limit of a sandboxed program. [s]")
+    sandbox_tmpfs_mb: int = Field(64, ge=1, description="Size of the sandbox's private /tmp, its only writable place. [MiB]")
+    sandbox_max_output_bytes: int = Field(1 << 20, ge=1024, description="Captured stdout+stderr per run before it is killed. [bytes]")
+
+
 class BatchConfig(_Section):
     prompts_per_step: int = Field(256, ge=1, description="Prompt groups (that pass the filter) per RL step. [groups]")
     policy_mini_batch: int = Field(256, ge=1, description="Responses per policy optimiser step. [responses]")
@@ -208,6 +224,7 @@ class PrimeRunConfig(_Section):
     prime: PrimeConfig = Field(default_factory=PrimeConfig, description="PRIME rewards and advantages. [section]")
     loss: LossConfig = Field(default_factory=LossConfig, description="Policy loss. [section]")
     optim: OptimConfig = Field(default_factory=OptimConfig, description="Optimisers. [section]")
+    verifier: VerifierConfig = Field(default_factory=VerifierConfig, description="Verifiers and the code sandbox. [section]")
     batch: BatchConfig = Field(default_factory=BatchConfig, description="Batch sizes. [section]")
     async_: AsyncConfig = Field(default_factory=AsyncConfig, alias="async", description="Asynchrony. [section]")
     transport: TransportConfig = Field(default_factory=TransportConfig, description="ZeroMQ transport. [section]")

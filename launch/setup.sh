@@ -14,6 +14,17 @@ PY=${PYTHON:-python3.11}
 EXTRA=${PRIME_EXTRA:-cpu}
 TORCH_VERSION=2.13.0
 
+# bubblewrap: the code verifier's sandbox (Debian package). Without it the code verifier
+# refuses to run programs (status sandbox_error) unless unsandboxed mode is configured.
+if ! command -v bwrap >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        { apt-get update -qq && apt-get install -y -qq bubblewrap; } >/dev/null 2>&1 \
+            || echo "setup: WARNING: could not install bubblewrap" >&2
+    else
+        echo "setup: WARNING: bubblewrap (bwrap) is missing; install it, e.g. sudo apt-get install bubblewrap" >&2
+    fi
+fi
+
 stamp=$(cat pyproject.toml launch/setup.sh | sha256sum | cut -c1-16)-$EXTRA
 if [ -f "$VENV/.setup-stamp" ] && [ "$(cat "$VENV/.setup-stamp")" = "$stamp" ]; then
     echo "setup: $VENV is up to date ($stamp)"

@@ -28,10 +28,10 @@ def test_pool_200_mixed_items_none_lost():
         other = rows[(i + 7) % len(rows)]["answer"]
         if other != r["answer"]:
             items.append(("math", r["solution"], other, 5.0, {"wrong"}))
-    while len(items) < 150:
+    while len(items) < 190:
         items.append(("code", ADD_PROGRAM, ADD_TESTS, 5.0, {"passed"}))
         items.append(("code", WRONG_PROGRAM, ADD_TESTS, 5.0, {"failed"}))
-    items = items[:190]
+    items = items[:190]  # ~110 math, ~80 code
     items += [("code", LOOP_PROGRAM, ADD_TESTS, 1.5, {"timeout", "failed"})] * 3
     items += [("stuck", "", None, 0.5, {"timeout"})] * 3
     items += [("die", "", None, 1.0, {"error"})] * 2
@@ -75,6 +75,19 @@ def test_bounded_queue_applies_back_pressure():
         with pytest.raises(queue.Full):
             pool.submit("echo", "c", "c", block_timeout_s=0.2)
         assert [f.result(timeout=30).status for f in futs] == ["timeout", "correct", "correct"]
+
+
+def test_pool_from_config_passes_sandbox_limits():
+    from common.config import PrimeRunConfig
+
+    cfg = PrimeRunConfig().verifier
+    cfg.sandbox_memory_mb = 64  # a 200 MiB allocation must now fail inside the sandbox
+    prog = "```python\nx = bytearray(200 * 1024 * 1024)\nprint(len(x))\n```"
+    tests = {"inputs": [""], "outputs": [str(200 * 1024 * 1024)]}
+    with VerifierPool.from_config(cfg) as pool:
+        assert pool.kind_timeouts_s == {"math": cfg.math_timeout_s, "code": cfg.code_timeout_s}
+        v = pool.submit("code", prog, tests).result(timeout=60)
+    assert v.status == "failed" and v.reward == 0.0, v
 
 
 def test_submit_rejects_unknown_kind_and_closed_pool():

@@ -23,6 +23,7 @@ from __future__ import annotations
 import importlib
 import json
 import logging
+import math
 import multiprocessing as mp
 import queue
 import threading
@@ -50,9 +51,10 @@ def _resolve(spec: str):
     return getattr(importlib.import_module(module), name)
 
 
-def _worker_main(conn: Connection, kinds: dict[str, str]) -> None:
+def _worker_main(conn: Connection, kinds: dict[str, str], kind_kwargs: dict[str, dict]) -> None:
     """Worker loop: one JSON request in, one JSON verdict out, until the pipe closes."""
     fns = {k: _resolve(v) for k, v in kinds.items()}
+    conn.send_bytes(b'{"ready": true}')  # imports done: deadlines may start counting
     while True:
         try:
             req = json.loads(conn.recv_bytes())
@@ -60,7 +62,8 @@ def _worker_main(conn: Connection, kinds: dict[str, str]) -> None:
             return
         t0 = time.perf_counter()
         try:
-            v = fns[req["kind"]](req["response"], req["target"], timeout_s=req["timeout_s"])
+            kw = kind_kwargs.get(req["kind"], {})
+            v = fns[req["kind"]](req["response"], req["target"], timeout_s=req["timeout_s"], **kw)
             out = {"reward": v.reward, "status": v.status, "detail": v.detail, "elapsed_s": v.elapsed_s}
         except Exception as e:  # a verifier bug is an error verdict, never a reward
             status = CRASH_STATUS.get(req["kind"], "error")
@@ -85,6 +88,7 @@ class _Worker:
     conn: Connection
     item: _Item | None = None
     deadline: float = 0.0
+    ready: bool = False  # set once the worker has imported its verifiers
 
 
 @dataclass
@@ -111,11 +115,19 @@ class VerifierPool:
         default_timeout_s: float = 5.0,
         grace_s: float = 2.0,
         extra_kinds: dict[str, str] | None = None,
+        kind_kwargs: dict[str, dict] | None = None,
+        kind_timeouts_s: dict[str, float] | None = None,
         start_method: str = "spawn",
     ):
+        """kind_kwargs: JSON-able keyword arguments passed to a kind's verifier on every
+        call (e.g. ``{"code": {"limits": {...}, "allow_unsandboxed": False}}``);
+        kind_timeouts_s: a kind's default time limit, else ``default_timeout_s``."""
         if num_workers < 1 or max_queue < 1:
             raise ValueError("num_workers and max_queue must be >= 1")
         self.kinds = {**BUILTIN_KINDS, **(extra_kinds or {})}
+        self.kind_kwargs = dict(kind_kwargs or {})
+        json.dumps(self.kind_kwargs)  # must travel to spawned workers as plain data
+        self.kind_timeouts_s = dict(kind_timeouts_s or {})
         self.default_timeout_s = default_timeout_s
         self.grace_s = grace_s
         self.stats = PoolStats()
@@ -126,6 +138,27 @@ class VerifierPool:
         self._workers = [self._spawn() for _ in range(num_workers)]
         self._thread = threading.Thread(target=self._run, name="verifier-pool", daemon=True)
         self._thread.start()
+
+    @classmethod
+    def from_config(cls, vcfg) -> "VerifierPool":
+        """Build the pool from ``PrimeRunConfig.verifier``; checks the sandbox once at start
+        and logs what code verification will do."""
+        from actors.verifiers.sandbox import sandbox_available
+
+        ok, why = sandbox_available()
+        if not ok and vcfg.allow_unsandboxed:
+            log.warning("bubblewrap unavailable (%s): model code runs UNSANDBOXED, rlimits only", why)
+        elif not ok:
+            log.error("bubblewrap unavailable (%s): every code item will get sandbox_error", why)
+        limits = {
+            "cpu_s": vcfg.sandbox_cpu_s, "memory_mb": vcfg.sandbox_memory_mb,
+            "tmpfs_mb": vcfg.sandbox_tmpfs_mb, "max_output_bytes": vcfg.sandbox_max_output_bytes,
+        }
+        return cls(
+            num_workers=vcfg.workers, max_queue=vcfg.max_queue, grace_s=vcfg.grace_s,
+            kind_kwargs={"code": {"limits": limits, "allow_unsandboxed": vcfg.allow_unsandboxed}},
+            kind_timeouts_s={"math": vcfg.math_timeout_s, "code": vcfg.code_timeout_s},
+        )
 
     # ------------------------------------------------------------------ public API
 
@@ -140,7 +173,8 @@ class VerifierPool:
         if kind not in self.kinds:
             raise ValueError(f"unknown verifier kind {kind!r}; known: {sorted(self.kinds)}")
         json.dumps(target)  # fail here, in the caller, if the target cannot travel
-        item = _Item(kind, response, target, timeout_s or self.default_timeout_s, Future())
+        timeout_s = timeout_s or self.kind_timeouts_s.get(kind, self.default_timeout_s)
+        item = _Item(kind, response, target, timeout_s, Future())
         item.future.set_running_or_notify_cancel()
         self._queue.put(item, timeout=block_timeout_s)
         with self._lock:
@@ -177,7 +211,7 @@ class VerifierPool:
 
     def _spawn(self) -> _Worker:
         parent, child = self._ctx.Pipe(duplex=True)
-        proc = self._ctx.Process(target=_worker_main, args=(child, self.kinds), daemon=True)
+        proc = self._ctx.Process(target=_worker_main, args=(child, self.kinds, self.kind_kwargs), daemon=True)
         proc.start()
         child.close()
         return _Worker(proc, parent)
@@ -207,13 +241,13 @@ class VerifierPool:
 
     def _dispatch(self) -> None:
         for i, w in enumerate(self._workers):
-            if w.item is not None:
+            if w.item is not None or not w.ready:
                 continue
             if not w.proc.is_alive():  # died while idle: replace before giving it work
                 with self._lock:
                     self.stats.crashed_workers += 1
                 self._replace(i, kill=True)
-                w = self._workers[i]
+                continue
             try:
                 item = self._queue.get_nowait()
             except queue.Empty:
@@ -229,14 +263,28 @@ class VerifierPool:
     def _run(self) -> None:
         while not self._closed.is_set():
             self._dispatch()
-            busy = [w for w in self._workers if w.item is not None]
-            if not busy:
+            watched = [w for w in self._workers if w.item is not None or not w.ready]
+            if not watched:
                 time.sleep(0.005)
                 continue
-            now = time.monotonic()
-            wait_s = max(0.0, min(min(w.deadline for w in busy) - now, 0.05))
-            ready = set(wait([w.conn for w in busy] + [w.proc.sentinel for w in busy], timeout=wait_s))
+            deadlines = [w.deadline for w in watched if w.item is not None]
+            wait_s = max(0.0, min(min(deadlines, default=math.inf) - time.monotonic(), 0.05))
+            ready = set(wait([w.conn for w in watched] + [w.proc.sentinel for w in watched], timeout=wait_s))
             for i, w in enumerate(self._workers):
+                if not w.ready:
+                    if w.conn in ready:
+                        try:
+                            w.ready = json.loads(w.conn.recv_bytes()) == {"ready": True}
+                        except (EOFError, OSError, ValueError):
+                            pass
+                    if not w.ready and w.proc.sentinel in ready:  # died while importing
+                        log.error("verifier worker exited with code %s before it was ready; restarting",
+                                  w.proc.exitcode)
+                        with self._lock:
+                            self.stats.crashed_workers += 1
+                        time.sleep(0.5)  # no hot respawn loop if an import is broken
+                        self._replace(i, kill=True)
+                    continue
                 if w.item is None:
                     continue
                 if w.conn in ready:

@@ -1,5 +1,5 @@
 """Verdicts per second of the verifiers: math (MATH-500 reference solutions against their
-answers) and code (HumanEval canonical solutions in the bubblewrap sandbox), each run
+answers, and against another row's answer, which takes the symbolic path) and code (HumanEval canonical solutions in the bubblewrap sandbox), each run
 in-process by a single caller and through the VerifierPool, side by side in one run.
 
     .venv/bin/python benchmarks/verifiers.py [--math N] [--code N] [--workers W]
@@ -28,6 +28,12 @@ def math_items(n):
     path = ROOT.parent / "shared" / "data" / "eval" / "math500.jsonl"
     rows = [json.loads(line) for line in path.open()][:n]
     return [(r["solution"], r["answer"]) for r in rows]
+
+
+def math_wrong_items(n):
+    """Each solution against the next row's (different) answer: the slow, symbolic path."""
+    items = math_items(n)
+    return [(sol, items[(i + 1) % len(items)][1]) for i, (sol, _) in enumerate(items)]
 
 
 def code_items(n):
@@ -66,6 +72,7 @@ def main():
     with VerifierPool(num_workers=args.workers, max_queue=1024) as pool:
         for kind, fn, items, good in (
             ("math", verify_math, math_items(args.math), "correct"),
+            ("math", verify_math, math_wrong_items(args.math), "wrong"),
             ("code", verify_code, code_items(args.code), "passed"),
         ):
             for mode in ("single", f"pool x{args.workers}"):
@@ -74,8 +81,9 @@ def main():
                 else:
                     verdicts, secs = run_pool(pool, kind, items)
                 ok = sum(v.status == good for v in verdicts)
-                rates[(kind, mode)] = len(items) / secs
-                table.add_row(kind, mode, str(len(items)), str(ok), f"{secs:.2f}", f"{len(items) / secs:.1f}")
+                label = kind if good != "wrong" else "math (mismatched answers)"
+                rates[(label, mode)] = len(items) / secs
+                table.add_row(label, mode, str(len(items)), str(ok), f"{secs:.2f}", f"{len(items) / secs:.1f}")
     Console().print(table)
     pool_mode = f"pool x{args.workers}"
     print(f"math pool/single ratio {rates[('math', pool_mode)] / rates[('math', 'single')]:.2f}; "

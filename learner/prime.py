@@ -146,17 +146,21 @@ def prm_ce_loss(
     mask: torch.Tensor,
     outcome: torch.Tensor,
     beta: float,
+    normalizer: float | None = None,
 ) -> torch.Tensor:
     """Online PRM cross-entropy on outcome labels (§3).
 
     L_CE = − mean_y [ r_o·log σ(β Σ_t q_t) + (1 − r_o)·log(1 − σ(β Σ_t q_t)) ]
 
     Args: prm_logp, ref_logp, mask: [B, T]; outcome: [B] in [0, 1] (fractional for code);
-    beta: β > 0. Returns: scalar. Computed from logits, stable for large |β Σ q|.
+    beta: β > 0; normalizer: divide the summed loss by this instead of B (a trainer that
+    splits one mini-batch over micro-batches or ranks passes the mini-batch's size).
+    Returns: scalar. Computed from logits, stable for large |β Σ q|.
     """
     q = implicit_process_rewards(prm_logp, ref_logp, mask)
     score = beta * q.sum(-1)
-    return F.binary_cross_entropy_with_logits(score, outcome.to(score.dtype), reduction="mean")
+    total = F.binary_cross_entropy_with_logits(score, outcome.to(score.dtype), reduction="sum")
+    return total / (score.shape[0] if normalizer is None else normalizer)
 
 
 def prime_batch_norm(process_rewards: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -300,6 +304,7 @@ def policy_loss(
     clip_eps: float = 0.2,
     correction: Literal["none", "truncate", "mask"] = "none",
     is_cap: float = 2.0,
+    normalizer: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Importance-corrected PPO-clip loss, token-level mean over response tokens (§5, §9).
 
@@ -308,6 +313,8 @@ def policy_loss(
       none: 1;  truncate: min(ρ_t, is_cap);  mask: 1 if 1/is_cap ≤ ρ_t ≤ is_cap else 0.
     loss = Σ_t w_t·ℓ_t·mask_t / Σ_t mask_t   (a masked token keeps its place in the
     denominator: masking zeroes its weight, it does not re-normalise the others).
+    ``normalizer`` replaces Σ_t mask_t (a trainer splitting one mini-batch over micro-batches
+    or ranks passes the mini-batch's token count, so the pieces add up to the token mean).
 
     Args: logp (with grad), old_logp, behav_logp, advantages, mask: [B, T].
     Returns: (scalar loss, metrics). Metrics (0-dim detached tensors):
@@ -346,7 +353,8 @@ def policy_loss(
         else:
             raise ValueError(f"correction must be 'none', 'truncate' or 'mask', got {correction!r}")
 
-    loss = (per_token * w * maskf).sum() / maskf.sum().clamp(min=1.0)
+    den = maskf.sum().clamp(min=1.0) if normalizer is None else normalizer
+    loss = (per_token * w * maskf).sum() / den
 
     with torch.no_grad():
         metrics = {

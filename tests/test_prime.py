@@ -432,3 +432,19 @@ def test_accuracy_filter_bounds_inclusive_and_naive():
     got = accuracy_filter(o, 4, low=0.3, high=0.6).tolist()
     want = [0.3 <= sum(o[i:i + 4].tolist()) / 4 <= 0.6 for i in range(0, 40, 4)]
     assert got == want
+
+
+def test_normalizer_splits_add_up():
+    # one batch split in two halves with normalizer = the whole batch's count gives the same loss
+    b = random_batch(G=2, K=2, T=5, seed=9)
+    mask, o = b["mask"], b["outcome"]
+    prm, ref = b["x"](), b["x"]()
+    whole = prm_ce_loss(prm, ref, mask, o, 0.5)
+    halves = sum(prm_ce_loss(prm[s], ref[s], mask[s], o[s], 0.5, normalizer=4) for s in (slice(0, 2), slice(2, 4)))
+    close(halves, whole)
+    logp, old, behav, adv = b["x"]() * 0.1, b["x"]() * 0.1, b["x"]() * 0.1, b["x"]()
+    whole, _ = policy_loss(logp, old, behav, adv, mask, correction="truncate")
+    n = float(mask.sum())
+    halves = sum(policy_loss(logp[s], old[s], behav[s], adv[s], mask[s], correction="truncate", normalizer=n)[0]
+                 for s in (slice(0, 2), slice(2, 4)))
+    close(halves, whole)

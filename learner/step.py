@@ -1,0 +1,291 @@
+"""One PRIME step on every learner rank.
+
+Contract
+--------
+- Called on every rank of the learner's process group with that rank's share of the
+  step's batch: the step's groups in a fixed global order, rank r holding groups
+  r, r+W, r+2W, ... (``shard_groups``). Mini-batch j is global groups [j·G, (j+1)·G);
+  each rank trains on its part of it, so the update does not depend on the world size
+  (1-rank and W-rank runs agree up to float summation order).
+- Batch-level statistics (prime_norm's max, RLOO groups, whitening) need the whole
+  batch: the process rewards are all-gathered, the pure functions of ``learner/prime.py``
+  run on the full batch on every rank, and each rank keeps its rows. Losses are sums
+  divided by the global mini-batch size, times W to undo DDP's gradient averaging.
+- Order (paper §3-§5): reference forward -> PRM forward + cross-entropy update
+  (``prm_update``: after | before | none) -> process rewards -> returns/advantages ->
+  π_old recomputed when ``loss.correction`` is not ``none`` -> policy mini-batch updates
+  with gradient clipping. The caller bumps ``policy_version`` and broadcasts weights.
+Not covered: ingest/filtering/staleness (rank 0's job), weight broadcast, checkpoints.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from common.config import PrimeRunConfig
+from learner.logprobs import token_logprobs
+from learner.packing import bins, pack_ffd
+from learner.prime import (
+    grpo_returns,
+    implicit_process_rewards,
+    masked_whiten,
+    policy_loss,
+    prm_ce_loss,
+    reinforce_returns,
+    rloo_returns,
+)
+from learner.rollout import RolloutBatch, concat
+
+
+@dataclass
+class Models:
+    policy: torch.nn.Module  # DDP-wrapped when world > 1
+    prm: torch.nn.Module | None  # None when process rewards are off
+    ref: torch.nn.Module | None  # frozen; None when model.ref == "policy_old"
+    policy_opt: torch.optim.Optimizer
+    prm_opt: torch.optim.Optimizer | None
+
+
+def world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def shard_groups(num_groups: int, rank: int, world_size: int) -> list[int]:
+    """Global group indices held by ``rank``: rank, rank+W, ..."""
+    return list(range(rank, num_groups, world_size))
+
+
+def _all_reduce(x: torch.Tensor, op=None) -> torch.Tensor:
+    if world()[1] > 1:
+        dist.all_reduce(x, op=op or dist.ReduceOp.SUM)
+    return x
+
+
+def _all_gather_rows(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate every rank's [b, T_r] (equal b) padded to the widest T, in rank order."""
+    _, W = world()
+    if W == 1:
+        return x
+    width = torch.tensor([x.shape[1]], dtype=torch.long)
+    widths = [torch.zeros_like(width) for _ in range(W)]
+    dist.all_gather(widths, width)
+    T = int(max(w.item() for w in widths))
+    x = torch.nn.functional.pad(x, (0, T - x.shape[1]))
+    out = [torch.empty_like(x) for _ in range(W)]
+    dist.all_gather(out, x.contiguous())
+    return torch.cat(out)
+
+
+def _micro_batches(batch: RolloutBatch, budget_tokens: int) -> list[list[int]]:
+    """Row indices per micro-batch: first-fit decreasing on sequence length, each bin's
+    padded size (rows × longest) kept near the token budget."""
+    lengths = batch.seq_lengths().numpy()
+    budget = max(int(budget_tokens), int(lengths.max()))
+    return bins(pack_ffd(lengths, budget))
+
+
+def _no_sync(model, last: bool):
+    if hasattr(model, "no_sync") and not last:
+        return model.no_sync()
+    return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def batch_logprobs(model, batch: RolloutBatch, temperature: float, budget_tokens: int) -> torch.Tensor:
+    """[B, L-1] log-probs of every next token, micro-batched, no grad."""
+    out = torch.zeros_like(batch.mask)
+    for rows in _micro_batches(batch, budget_tokens):
+        sub = batch.take(rows)
+        lp = token_logprobs(model, sub.input_ids, sub.attention_mask, temperature)
+        out[rows, : lp.shape[1]] = lp
+    return out
+
+
+def _mini_batches(local_groups: int, groups_per_mb_local: int) -> list[list[int]]:
+    return [list(range(s, min(s + groups_per_mb_local, local_groups))) for s in range(0, local_groups, groups_per_mb_local)]
+
+
+def _train_minibatch(model, opt, sub: RolloutBatch, loss_fn, normalizer, grad_clip, budget, W):
+    """Accumulate grads over micro-batches of ``sub``; one optimiser step. Returns
+    (loss sum, grad norm, per-row outputs of loss_fn's second value)."""
+    opt.zero_grad(set_to_none=True)
+    mbs = _micro_batches(sub, budget)
+    total = 0.0
+    extras = []
+    for i, rows in enumerate(mbs):
+        micro = sub.take(rows)
+        with _no_sync(model, last=i == len(mbs) - 1):
+            loss, extra = loss_fn(model, micro, rows, normalizer)
+            (loss * W).backward()
+        total += float(loss.detach())
+        extras.append((rows, extra))
+    if not mbs:  # an empty share still joins DDP's all-reduce
+        (sum(p.sum() * 0 for p in model.parameters()) * W).backward()
+    gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    opt.step()
+    return total, float(gnorm), extras
+
+
+def prime_step(models: Models, batch: RolloutBatch, cfg: PrimeRunConfig, policy_version: int) -> dict[str, float]:
+    """Run one PRIME step on this rank's share ``batch``; returns metrics (global where
+    they are reduced, i.e. identical on every rank)."""
+    rank, W = world()
+    t0 = time.perf_counter()
+    K = batch.group_size
+    temp = cfg.generation.temperature
+    budget = cfg.batch.micro_batch_tokens
+    pc = cfg.prime
+    mask = batch.mask
+    G_local = batch.num_groups
+    m: dict[str, float] = {}
+
+    def per_rank_groups(responses: int) -> int:
+        g = responses // K
+        if g % W:
+            raise ValueError(f"mini-batch of {g} groups does not split over {W} ranks")
+        return g // W
+
+    # ---------------------------------------------------------------- PRM and rewards
+    use_prm = pc.use_process_rewards and models.prm is not None
+    q = None
+    if use_prm:
+        if models.ref is not None:
+            ref_lp = batch_logprobs(models.ref, batch, 1.0, budget)
+        else:  # ref = π_old at temperature 1
+            ref_lp = batch_logprobs(models.policy, batch, 1.0, budget)
+        q = torch.zeros_like(mask)
+        prm_losses = []
+
+        def prm_loss(model, micro, rows, normalizer, sub_ref):
+            lp = token_logprobs(model, micro.input_ids, micro.attention_mask, 1.0)
+            r = sub_ref[rows][:, : lp.shape[1]]
+            loss = prm_ce_loss(lp, r, micro.mask, micro.outcome, pc.beta, normalizer=normalizer)
+            return loss, implicit_process_rewards(lp.detach(), r, micro.mask)
+
+        if pc.prm_update in ("after", "before"):
+            gl = per_rank_groups(cfg.batch.prm_mini_batch)
+            for groups in _mini_batches(G_local, gl):
+                rows = [g * K + k for g in groups for k in range(K)]
+                sub = batch.take(rows)
+                sub_ref = ref_lp[rows][:, : sub.mask.shape[1]]
+                loss, _, extras = _train_minibatch(
+                    models.prm, models.prm_opt, sub,
+                    lambda mo, mi, r, n: prm_loss(mo, mi, r, n, sub_ref),
+                    normalizer=float(cfg.batch.prm_mini_batch), grad_clip=cfg.optim.prm.grad_clip,
+                    budget=budget, W=W,
+                )
+                prm_losses.append(loss)
+                for mrows, qq in extras:  # "after": rewards from the forward that trained
+                    idx = torch.as_tensor(rows)[mrows]
+                    q[idx, : qq.shape[1]] = qq
+        if pc.prm_update in ("before", "none"):
+            q = implicit_process_rewards(batch_logprobs(models.prm, batch, 1.0, budget), ref_lp, mask)
+        if prm_losses:
+            m["loss/prm_ce"] = float(_all_reduce(torch.tensor(sum(prm_losses) / len(prm_losses))) )
+    t_prm = time.perf_counter()
+
+    # ------------------------------------------------------- returns and advantages
+    mask_all = _all_gather_rows(mask)
+    outcome_all = _all_gather_rows(batch.outcome[:, None])[:, 0]
+    q_all = _all_gather_rows(q) if q is not None else None
+    if q_all is not None:
+        q_all = q_all[:, : mask_all.shape[1]]
+    kw = dict(prime_norm=pc.prime_norm, gamma=pc.gamma)
+    if pc.advantage == "rloo":
+        returns = rloo_returns(q_all, outcome_all, mask_all, K, process_baseline=pc.process_baseline, **kw)
+    elif pc.advantage == "grpo":
+        returns = grpo_returns(q_all, outcome_all, mask_all, K, **kw)
+    else:
+        returns = reinforce_returns(q_all, outcome_all, mask_all, **kw)
+    adv_all = masked_whiten(returns, mask_all) * mask_all
+    B_local = batch.num_rows
+    adv = adv_all[rank * B_local : (rank + 1) * B_local][:, : mask.shape[1]]
+
+    # ------------------------------------------------------------------- π_old
+    if cfg.loss.correction == "none":
+        old_lp = batch.behav_logp
+    else:
+        old_lp = batch_logprobs(models.policy, batch, temp, budget)
+    t_old = time.perf_counter()
+
+    # ----------------------------------------------------------------- policy update
+    lc = cfg.loss
+    pol_losses, gnorms, pm = [], [], []
+
+    def pol_loss(model, micro, rows, normalizer, sub_idx):
+        lp = token_logprobs(model, micro.input_ids, micro.attention_mask, temp)
+        T = lp.shape[1]
+        idx = sub_idx[rows]
+        loss, met = policy_loss(
+            lp, old_lp[idx][:, :T], batch.behav_logp[idx][:, :T], adv[idx][:, :T], micro.mask,
+            clip_eps=lc.clip_eps, correction=lc.correction, is_cap=lc.is_cap, normalizer=normalizer,
+        )
+        return loss, (met, float(micro.mask.sum()))
+
+    gl = per_rank_groups(cfg.batch.policy_mini_batch)
+    for _ in range(cfg.batch.ppo_epochs):
+        for groups in _mini_batches(G_local, gl):
+            rows = torch.as_tensor([g * K + k for g in groups for k in range(K)])
+            sub = batch.take(rows)
+            n_tok = _all_reduce(sub.mask.sum().clone())
+            loss, gn, extras = _train_minibatch(
+                models.policy, models.policy_opt, sub,
+                lambda mo, mi, r, n: pol_loss(mo, mi, r, n, rows),
+                normalizer=float(n_tok), grad_clip=cfg.optim.policy.grad_clip, budget=budget, W=W,
+            )
+            pol_losses.append(loss)
+            gnorms.append(gn)
+            pm.extend(e for _, e in extras)
+    t_pol = time.perf_counter()
+
+    # ------------------------------------------------------------------- metrics
+    tok = float(mask.sum())
+    stats = torch.zeros(8, dtype=torch.float64)
+    stats[0] = sum(pol_losses)
+    for met, n in pm:  # token-weighted sums of the policy-loss metrics
+        stats[1] += float(met["clip_frac"]) * n
+        stats[2] += float(met["is_weight_mean"]) * n
+        stats[3] += float(met["mismatch_kl"]) * n
+        stats[4] += float(met["is_masked_frac"]) * n
+        stats[5] += n
+    stats[6] = tok
+    stats[7] = float(batch.outcome.sum())
+    _all_reduce(stats)
+    n_pm = max(float(stats[5]), 1.0)
+    nb = max(len(pol_losses), 1)
+    m["loss/policy"] = float(stats[0]) / nb
+    m["loss/clip_frac"] = float(stats[1]) / n_pm
+    m["loss/is_weight_mean"] = float(stats[2]) / n_pm
+    m["loss/mismatch_kl"] = float(stats[3]) / n_pm
+    m["loss/is_masked_frac"] = float(stats[4]) / n_pm
+    m["loss/grad_norm"] = sum(gnorms) / max(len(gnorms), 1)
+    m["reward/outcome_mean"] = float(stats[7]) / (batch.num_rows * W)
+    on = mask_all > 0
+    m["reward/advantage_mean"] = float(adv_all[on].mean())
+    m["reward/advantage_std"] = float(adv_all[on].std()) if on.sum() > 1 else 0.0
+    m["reward/return_mean"] = float(returns[on].mean())
+    if q_all is not None:
+        seq = pc.beta * q_all.sum(-1)  # β Σ_t q_t, the PRM's sequence score
+        m["reward/process_mean"] = float(seq.mean())
+        label = outcome_all > 0.5
+        m["prm/accuracy"] = float(((seq > 0) == label).float().mean())
+    lag_all = _all_gather_rows(torch.where(mask > 0, policy_version - batch.token_version, -1).float())
+    lags = lag_all[lag_all >= 0]
+    if lags.numel():
+        m["system/version_lag_min"], m["system/version_lag_mean"], m["system/version_lag_max"] = (
+            float(lags.min()), float(lags.mean()), float(lags.max()))
+    m["system/tokens"] = float(stats[6])
+    m["time/prm_s"] = t_prm - t0
+    m["time/old_logp_s"] = t_old - t_prm
+    m["time/policy_s"] = t_pol - t_old
+    return m
+
+
+__all__ = ["Models", "prime_step", "shard_groups", "batch_logprobs", "concat"]

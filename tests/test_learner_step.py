@@ -1,0 +1,124 @@
+"""learner/step.py: one PRIME step changes the weights sensibly, every PRM mode runs, and
+a 2-rank gloo run (real processes) gives the same update as a 1-rank run."""
+
+import copy
+import os
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as tmp
+
+sys.path.insert(0, str(Path(__file__).parent))
+from synthetic import make_groups, tiny_qwen2  # noqa: E402
+
+from common.config import load_config  # noqa: E402
+from learner.rollout import build_batch  # noqa: E402
+from learner.step import Models, prime_step, shard_groups  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+BASE = [
+    "batch.prompts_per_step=4", "generation.k=4", "batch.policy_mini_batch=8", "batch.prm_mini_batch=16",
+    "batch.micro_batch_tokens=48", "optim.policy.lr=1e-3", "optim.prm.lr=1e-3",
+    # eps large: Adam's first step is ~lr·g/(|g|+eps), linear in g, so float noise between
+    # world sizes stays float noise instead of flipping signs of near-zero gradients
+    "optim.policy.eps=1.0", "optim.prm.eps=1.0",
+]
+
+
+def make_models(cfg, seed=0):
+    policy = tiny_qwen2(seed)
+    prm = copy.deepcopy(policy)
+    ref = copy.deepcopy(policy).requires_grad_(False)
+    o = cfg.optim
+    popt = torch.optim.AdamW(policy.parameters(), lr=o.policy.lr, eps=o.policy.eps, weight_decay=o.policy.weight_decay)
+    qopt = torch.optim.AdamW(prm.parameters(), lr=o.prm.lr, eps=o.prm.eps, weight_decay=o.prm.weight_decay)
+    return Models(policy, prm, ref, popt, qopt)
+
+
+def params(model):
+    m = model.module if hasattr(model, "module") else model
+    return torch.cat([p.detach().flatten() for p in m.parameters()])
+
+
+@pytest.mark.parametrize("prm_update", ["after", "before", "none"])
+@pytest.mark.parametrize("correction", ["none", "truncate"])
+def test_step_updates_weights(prm_update, correction):
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", BASE + [f"prime.prm_update={prm_update}", f"loss.correction={correction}"])
+    models = make_models(cfg)
+    batch = build_batch(make_groups(4, seed=1))
+    p0, q0 = params(models.policy), params(models.prm)
+    m = prime_step(models, batch, cfg, policy_version=0)
+    assert not torch.equal(params(models.policy), p0)
+    assert torch.equal(params(models.prm), q0) == (prm_update == "none")
+    for k, v in m.items():
+        assert v == v and abs(v) != float("inf"), (k, v)
+    assert m["system/tokens"] == float(batch.mask.sum())
+    assert m["system/version_lag_max"] == 0.0
+    assert 0.0 <= m["prm/accuracy"] <= 1.0
+    if prm_update != "none":
+        assert m["loss/prm_ce"] == pytest.approx(0.6931, abs=0.05)  # PRM = ref at start: σ(0) = 0.5
+
+
+def test_policy_moves_towards_correct_responses():
+    # after a few steps on the same batch, correct responses gain log-prob relative to wrong ones
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", BASE + ["optim.policy.eps=1e-8", "prime.use_process_rewards=false"])
+    models = make_models(cfg)
+    batch = build_batch(make_groups(4, seed=2))
+    from learner.step import batch_logprobs
+
+    def margin():
+        lp = (batch_logprobs(models.policy, batch, 1.0, 512) * batch.mask).sum(-1)
+        good = batch.outcome > 0.5
+        return float(lp[good].mean() - lp[~good].mean())
+
+    before = margin()
+    for _ in range(3):
+        prime_step(models, batch, cfg, policy_version=0)
+    assert margin() > before + 0.5
+
+
+def _free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def _rank_main(rank, world, port, overrides, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", overrides)
+    models = make_models(cfg)
+    models.policy = torch.nn.parallel.DistributedDataParallel(models.policy)
+    models.prm = torch.nn.parallel.DistributedDataParallel(models.prm)
+    batch = build_batch(make_groups(4, seed=3))
+    mine = batch.groups(shard_groups(batch.num_groups, rank, world))
+    m = prime_step(models, mine, cfg, policy_version=0)
+    torch.save({"policy": params(models.policy), "prm": params(models.prm), "metrics": m}, f"{out_dir}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("prm_update", ["after", "before"])
+def test_one_rank_and_two_ranks_agree(tmp_path, prm_update):
+    overrides = BASE + [f"prime.prm_update={prm_update}"]
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", overrides)
+    torch.set_num_threads(1)
+    models = make_models(cfg)
+    m1 = prime_step(models, build_batch(make_groups(4, seed=3)), cfg, policy_version=0)
+    p1, q1 = params(models.policy), params(models.prm)
+
+    tmp.start_processes(_rank_main, args=(2, _free_port(), overrides, str(tmp_path)), nprocs=2, start_method="spawn")
+    r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    assert torch.equal(r0["policy"], r1["policy"])  # replicas stay identical
+    p0 = params(make_models(cfg).policy)
+    assert (p1 - p0).abs().max() > 1e-5  # the step did something measurable
+    torch.testing.assert_close(r0["policy"], p1, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(r0["prm"], q1, atol=1e-5, rtol=1e-4)
+    for k in ("loss/prm_ce", "reward/outcome_mean", "reward/advantage_std", "system/tokens", "prm/accuracy"):
+        assert r0["metrics"][k] == pytest.approx(m1[k], abs=1e-4), k

@@ -1,0 +1,268 @@
+"""The torchrun PRIME learner: ingest -> PRIME step -> publish weights, step after step.
+
+Contract
+--------
+- Started on every rank by ``torchrun launch/learner.py`` (or called in-process with world
+  size 1). Process group: NCCL on GPUs, gloo on CPU. The policy and the PRM are replicated
+  with DDP (world > 1); the reference model is frozen and replicated.
+- Rank 0 owns the transport (``LearnerServer``: trajectories in, credits/versions/admission
+  out), the ``Ingest`` (staleness backstop, accuracy filter, surplus buffer), the weight
+  sender, the metrics sinks and the checkpoints. Each step it broadcasts the chosen groups
+  to all ranks as their msgpack encoding (decoded by the typed schema, never unpickled);
+  rank r trains on groups r, r+W, ... (``learner.step``).
+- ``policy_version`` counts published weight updates (0 = the starting weights, published
+  before any data is accepted); ``step`` counts PRIME steps. After a resume both are
+  restored and the weights are re-published before new data is accepted.
+Not covered: the PRIME math (``learner.prime``), the step internals (``learner.step``).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from common import schema
+from common.config import PrimeRunConfig, save_resolved
+from learner.checkpoint import (bytes_to_tensor, list_checkpoints, load_checkpoint, rng_state, save_checkpoint,
+                                set_rng_state, tensor_to_bytes)
+from learner.rollout import build_batch
+from learner.step import Models, prime_step, shard_groups, world
+
+log = logging.getLogger(__name__)
+
+
+def _init_dist() -> torch.device:
+    if "RANK" in os.environ and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+    if torch.cuda.is_available():
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(dev)
+        return dev
+    return torch.device("cpu")
+
+
+def _dtype(name: str) -> torch.dtype:
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def build_models(cfg: PrimeRunConfig, device: torch.device) -> Models:
+    from transformers import AutoModelForCausalLM
+
+    mc = cfg.model
+    dt = _dtype(mc.dtype)
+
+    def load(path):
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dt).to(device)
+
+    policy = load(mc.policy_path)
+    use_prm = cfg.prime.use_process_rewards
+    prm = load(mc.prm_path) if use_prm and mc.prm_path else (copy.deepcopy(policy) if use_prm else None)
+    ref = None
+    if use_prm and mc.ref == "sft":
+        ref = (load(mc.ref_path) if mc.ref_path else copy.deepcopy(policy)).requires_grad_(False).eval()
+
+    def adamw(params, o):
+        return torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+
+    _, W = world()
+    if W > 1:
+        policy = torch.nn.parallel.DistributedDataParallel(policy)
+        prm = torch.nn.parallel.DistributedDataParallel(prm) if prm is not None else None
+    return Models(policy, prm, ref, adamw(policy.parameters(), cfg.optim.policy),
+                  adamw(prm.parameters(), cfg.optim.prm) if prm is not None else None)
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if hasattr(model, "module") else model
+
+
+def _broadcast_groups(groups: list | None) -> list:
+    """Rank 0's groups to every rank, as msgpack bytes in one uint8 tensor."""
+    _, W = world()
+    if W == 1:
+        return groups
+    if dist.get_rank() == 0:
+        blobs = [schema.encode(schema.make_envelope(g, "learner", "bcast", i), validate=False) for i, g in enumerate(groups)]
+        sizes = torch.tensor([len(b) for b in blobs], dtype=torch.long)
+        n = torch.tensor([len(blobs)], dtype=torch.long)
+        payload = torch.frombuffer(bytearray(b"".join(blobs)), dtype=torch.uint8)
+    else:
+        n = torch.zeros(1, dtype=torch.long)
+    dist.broadcast(n, 0)
+    if dist.get_rank() != 0:
+        sizes = torch.zeros(int(n), dtype=torch.long)
+    dist.broadcast(sizes, 0)
+    if dist.get_rank() != 0:
+        payload = torch.empty(int(sizes.sum()), dtype=torch.uint8)
+    dist.broadcast(payload, 0)
+    if dist.get_rank() == 0:
+        return groups
+    raw, out, off = payload.numpy().tobytes(), [], 0
+    for s in sizes.tolist():
+        out.append(schema.decode(raw[off : off + s]).body)
+        off += s
+    return out
+
+
+class Learner:
+    """Owns the run: models, optimisers, counters and (rank 0) the I/O side."""
+
+    def __init__(self, cfg: PrimeRunConfig, server=None, sender=None, logger=None, sync_handle: str = ""):
+        self.cfg = cfg
+        self.sync_handle = sync_handle  # where actors fetch weights (shm channel / store address)
+        self.device = _init_dist()
+        self.rank, self.world = world()
+        torch.manual_seed(cfg.run.seed)
+        if cfg.run.deterministic:
+            torch.use_deterministic_algorithms(True)
+        self.models = build_models(cfg, self.device)
+        self.step = 0
+        self.policy_version = 0
+        self.run_dir = Path(cfg.run.output_dir)
+        self.server, self.sender, self.logger = server, sender, logger
+        self.ingest = None
+        if self.rank == 0:
+            from learner.ingest import Ingest
+
+            save_resolved(cfg, self.run_dir)
+            if self.server is not None:
+                p = cfg.prime
+                self.ingest = Ingest(self.server, cfg.async_.max_staleness, p.filter_low, p.filter_high,
+                                     p.drop_truncated, cfg.batch.max_buffered_groups)
+
+    # ------------------------------------------------------------- checkpoints
+
+    def state(self) -> dict:
+        m = self.models
+        s = {
+            "step": self.step, "policy_version": self.policy_version,
+            "policy": unwrap(m.policy).state_dict(), "policy_opt": m.policy_opt.state_dict(),
+            "rng": rng_state(),
+        }
+        if m.prm is not None:
+            s["prm"], s["prm_opt"] = unwrap(m.prm).state_dict(), m.prm_opt.state_dict()
+        if self.ingest is not None:
+            s["ingest_counts"] = dict(self.ingest.counts)
+            s["buffer"] = [bytes_to_tensor(schema.encode(schema.make_envelope(g, "learner", "buffer", i), validate=False))
+                           for i, g in enumerate(self.ingest.buffer)]
+        return s
+
+    def save(self) -> Path | None:
+        if self.rank != 0:
+            return None
+        return save_checkpoint(self.run_dir / "checkpoints", self.step, self.state(), self.cfg.checkpoint.keep_last)
+
+    def restore(self, path: str | Path | None = None) -> bool:
+        ckpt_dir = Path(path) if path else self.run_dir / "checkpoints"
+        if not (ckpt_dir / "state.pt").is_file() and not list_checkpoints(ckpt_dir):
+            return False
+        s = load_checkpoint(ckpt_dir)
+        m = self.models
+        unwrap(m.policy).load_state_dict(s["policy"])
+        m.policy_opt.load_state_dict(s["policy_opt"])
+        if m.prm is not None:
+            unwrap(m.prm).load_state_dict(s["prm"])
+            m.prm_opt.load_state_dict(s["prm_opt"])
+        self.step, self.policy_version = int(s["step"]), int(s["policy_version"])
+        set_rng_state(s["rng"])
+        if self.ingest is not None:
+            self.ingest.counts.update(s.get("ingest_counts", {}))
+            for t in s.get("buffer", []):
+                self.ingest.buffer.append(schema.decode(tensor_to_bytes(t)).body)
+        return True
+
+    # ------------------------------------------------------------------ weights
+
+    def publish(self) -> dict[str, float]:
+        """Rank 0: send the policy weights with the current version, then announce it."""
+        if self.rank != 0:
+            return {}
+        t0 = time.perf_counter()
+        if self.sender is not None:
+            state = {k: v.detach().to("cpu") for k, v in unwrap(self.models.policy).state_dict().items()}
+            self.sender.send(state, self.policy_version)
+        if self.server is not None:
+            backend = self.cfg.async_.weight_sync
+            self.server.publish_policy(self.policy_version, backend, self.sync_handle, step=self.step)
+        return {"time/weight_sync_s": time.perf_counter() - t0}
+
+    # --------------------------------------------------------------------- loop
+
+    def train_step(self, groups: list | None = None) -> dict[str, float]:
+        """One step: (rank 0) collect groups unless given, broadcast, PRIME step, publish."""
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        wait = 0.0
+        if self.rank == 0 and groups is None:
+            groups, wait = self.ingest.next_batch(cfg.batch.prompts_per_step, self.policy_version)
+        groups = _broadcast_groups(groups)
+        batch = build_batch(groups)
+        mine = batch.groups(shard_groups(batch.num_groups, self.rank, self.world))
+        t1 = time.perf_counter()
+        m = prime_step(self.models, mine, cfg, self.policy_version)
+        self.step += 1
+        self.policy_version += 1
+        m.update(self.publish())
+        dt = time.perf_counter() - t0
+        m["time/wait_data_s"] = wait
+        m["time/step_s"] = dt
+        m["system/tokens_per_s"] = m["system/tokens"] / max(time.perf_counter() - t1, 1e-9)
+        if self.ingest is not None:
+            m.update(self.ingest.metrics())
+        if self.server is not None:
+            m.update(self.server.metrics())
+        if self.rank == 0 and self.logger is not None:
+            self.logger.log(self.step, m, self.policy_version)
+        every = cfg.checkpoint.every
+        if every and self.step % every == 0:
+            self.save()
+        return m
+
+    def save_final(self) -> Path | None:
+        if self.rank != 0 or not self.cfg.checkpoint.save_hf:
+            return None
+        out = self.run_dir / "final"
+        unwrap(self.models.policy).save_pretrained(out)
+        return out
+
+
+def run_learner(cfg: PrimeRunConfig, steps: int | None = None) -> dict[str, float]:
+    """The learner process's whole life: start the I/O on rank 0, (resume,) publish the
+    weights, train ``run.steps`` steps, save, tell the actors to stop."""
+    from common.transport import LearnerServer
+    from common.weight_sync import sender_from_config
+    from learner.metrics_log import MetricsLogger
+
+    _init_dist()
+    rank, _ = world()
+    server = sender = logger = None
+    if rank == 0:
+        server = LearnerServer(cfg.transport, max_staleness=cfg.async_.max_staleness).start()
+        handle = f"prime-{os.getpid()}"
+        sender = sender_from_config(cfg.async_, num_receivers=0, channel=handle)
+        logger = MetricsLogger(cfg.run.output_dir, cfg.logging.tensorboard, cfg.logging.console)
+    learner = Learner(cfg, server, sender, logger, sync_handle=handle if rank == 0 else "")
+    last: dict[str, float] = {}
+    try:
+        if cfg.checkpoint.resume:
+            learner.restore()
+        learner.publish()  # weights first (re-published after a resume), then data
+        for _ in range(learner.step, steps or cfg.run.steps):
+            last = learner.train_step()
+        learner.save()
+        learner.save_final()
+    finally:
+        if rank == 0:
+            server.shutdown("training finished")
+            time.sleep(0.2)
+            server.close()
+            sender.close()
+            logger.close()
+    return last

@@ -174,6 +174,16 @@ class AsyncConfig(_Section):
         "shm", description="Weight-broadcast backend to the actors. [enum]"
     )
     weight_sync_timeout_s: float = Field(120.0, gt=0.0, description="Deadline of one weight update. [s]")
+    weight_sync_addr: str = Field(
+        "127.0.0.1:29555",
+        description="host:port where the learner's rank 0 hosts the weight-sync group's store (nccl/gloo); every actor must reach it. [host:port]",
+    )
+    weight_sync_connect_timeout_s: float = Field(
+        600.0, gt=0.0, description="Deadline for every actor to join the weight-sync group at start-up (nccl/gloo; actors may still be starting vLLM). [s]"
+    )
+    weight_sync_bucket_mb: float = Field(
+        512.0, gt=0.0, description="Largest packed bucket of one weight-sync collective or file region; a larger tensor gets its own. [MiB]"
+    )
 
 
 class TransportConfig(_Section):
@@ -189,8 +199,23 @@ class TransportConfig(_Section):
     curve_public_keys_dir: str | None = Field(
         None, description="Folder of peers' CURVE public keys. [path]"
     )
+    curve_client_secret_key: str | None = Field(
+        None, description="An actor's own CURVE secret-key file; its public key must be in the learner's curve_public_keys_dir. [path]"
+    )
+    curve_server_public_key: str | None = Field(
+        None, description="The learner's CURVE public-key file, used by actors; null = the public key stored in curve_secret_key's file. [path]"
+    )
+    curve_force: bool = Field(
+        False, description="Use CURVE even when every endpoint is loopback (tests; both sides must agree). [bool]"
+    )
     heartbeat_s: float = Field(2.0, gt=0.0, description="Actor heartbeat period. [s]")
     peer_timeout_s: float = Field(30.0, gt=0.0, description="An actor silent this long is considered dead. [s]")
+    credit_window: int = Field(
+        8, ge=1, description="Trajectory groups an actor may have sent that the learner has not yet consumed (back-pressure window per actor). [groups]"
+    )
+    max_message_bytes: int = Field(
+        64 << 20, ge=1024, description="Largest accepted wire message; bigger ones are rejected as too_large. [bytes]"
+    )
 
 
 class LoggingConfig(_Section):

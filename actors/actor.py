@@ -1,0 +1,357 @@
+"""The actor loop: admitted generation, overlapped verification, groups sent under credit.
+
+Contract
+--------
+``Actor(cfg, actor_id, engine, pool, client, prompts, tokenizer=None, weight_receiver=None)``;
+``run(max_groups=None)`` returns a summary dict. One iteration of the loop:
+
+1. Between generation batches, if the client has heard of a ``PolicyUpdate`` newer than the
+   engine's version, the weights are received (``weight_receiver.receive``) and loaded with
+   ``engine.load_weights(state, version)``; the heartbeat state is updated.
+2. Admission: no batch is started while ``learner_version - engine.policy_version > eta``
+   (``client.admitted``). While not admitted the actor first finishes the batch whose
+   verification is pending, then waits, loading new weights as soon as they are announced.
+3. ``prompts_per_batch`` prompts are generated with ``k`` samples each in ONE ``generate``
+   call, so every sample (and every token's ``policy_version``) of the batch comes from one
+   engine version. Every response is submitted to the verifier pool at once.
+4. Only then are the previous batch's verdicts collected (verification of batch n overlaps
+   generation of batch n+1), its ``TrajectoryGroup``s built (int32 tokens, float32 engine
+   log-probs, per-token versions, finish reasons, rewards, statuses) and sent under credit.
+   A group with any ``error``/``sandbox_error`` verdict carries no reward: it is dropped and
+   counted (``actor/groups_dropped_verifier``), never sent.
+5. After each handled group the prompt cursor is committed; it is saved after each batch
+   and at exit, so a restarted actor (new client = new incarnation) resumes after the last
+   handled prompt.
+
+Stop: ``request_stop()`` (thread-safe), SIGTERM (a handler is installed by ``run`` when it runs
+in the main thread; the previous one is restored at exit), the learner's ``Shutdown``,
+``max_groups`` reached, or the prompts running out. In-flight groups (generated, not yet
+sent) are finished within ``stop_grace_s`` (verdicts collected, sent if credit arrives) or
+dropped; the log says which. Then the client is closed with a goodbye and the cursor saved;
+prompts of dropped groups are not committed, so a restart generates them again.
+
+Metrics (``client.send_metrics`` after each batch, also in the heartbeat): ``actor/tokens_per_s``,
+``actor/gen_s``, ``actor/verify_wait_s``, ``actor/weights_wait_s``, ``actor/admission_wait_s``,
+``actor/version_lag``, ``actor/policy_version``, ``actor/groups_sent``,
+``actor/groups_dropped_verifier``, ``actor/prompts_skipped``, ``actor/weight_updates``.
+
+Not covered: multiple engines per actor, partial (token-level) weight updates mid-generation.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+import zlib
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from actors.prompts import PromptSource, to_token_ids
+from actors.verifiers.verdict import FAILURE_STATUSES
+from common.schema import Int32Vector, Response, TrajectoryGroup
+from common.transport import ShutdownRequested
+
+__all__ = ["Actor"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Batch:
+    """One generated batch whose verdicts are pending."""
+
+    version: int
+    gen_s: float
+    t_submit: float
+    # per prompt: (cursor_after, prompt_id, prompt_ids, samples, futures)
+    prompts: list[tuple[int, str, list[int], list, list[Future]]] = field(default_factory=list)
+    next_index: int = 0  # prompts[:next_index] are handled
+
+
+class Actor:
+    """See the module docstring."""
+
+    def __init__(self, cfg, actor_id: str, engine, pool, client, prompts: PromptSource, tokenizer=None,
+                 weight_receiver=None, *, prompts_per_batch: int = 8, verifier_kind: str = "math",
+                 stop_grace_s: float = 10.0, detokenize: Callable[[list[int]], str] | None = None,
+                 poll_s: float = 0.25):
+        self.cfg = cfg
+        self.actor_id = actor_id
+        self.engine = engine
+        self.pool = pool
+        self.client = client
+        self.prompts = prompts
+        self.tokenizer = tokenizer
+        self.weight_receiver = weight_receiver
+        self.prompts_per_batch = int(prompts_per_batch)
+        self.verifier_kind = verifier_kind
+        self.stop_grace_s = float(stop_grace_s)
+        self.poll_s = float(poll_s)
+        if detokenize is None:
+            if tokenizer is not None:
+                detokenize = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+            else:  # tokenizer-free mode: the verifier sees the ids, space-separated
+                detokenize = lambda ids: " ".join(str(int(t)) for t in ids)  # noqa: E731
+        self.detokenize = detokenize
+        self._stop = threading.Event()
+        self._stop_reason = ""
+        self._seed = int(cfg.generation.seed) + (zlib.crc32(actor_id.encode()) % (1 << 20)) * (1 << 30)
+        self._batches = 0
+        self._warned_no_receiver = False
+        self._fetched_for = -1  # newest announced version a receive was done for
+        self.stats: dict[str, float] = {
+            "groups_sent": 0, "groups_dropped_verifier": 0, "groups_dropped_stop": 0, "prompts_skipped": 0,
+            "weight_updates": 0, "tokens": 0, "gen_s": 0.0, "verify_wait_s": 0.0, "weights_wait_s": 0.0,
+            "admission_wait_s": 0.0, "send_wait_s": 0.0,
+        }
+
+    # ------------------------------------------------------------------ control
+    def request_stop(self, reason: str = "stop requested") -> None:
+        """Ask the loop to stop after the current step (thread- and signal-safe)."""
+        if not self._stop.is_set():
+            self._stop_reason = reason
+        self._stop.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set() or self.client.shutdown_requested
+
+    def _in_flight(self, pending: _Batch | None) -> int:
+        return 0 if pending is None else len(pending.prompts) - pending.next_index
+
+    # ------------------------------------------------------------------ main loop
+    def run(self, max_groups: int | None = None) -> dict:
+        old_handler = None
+        in_main = threading.current_thread() is threading.main_thread()
+        if in_main:
+            old_handler = signal.signal(signal.SIGTERM, lambda s, f: self.request_stop("SIGTERM"))
+        pending: _Batch | None = None
+        started = 0  # prompts started (bounded by max_groups)
+        try:
+            self.client.set_state(policy_version=self.engine.policy_version, in_flight=0)
+            while not self.client.wait_ready(timeout=self.poll_s):
+                if self._stop.is_set():
+                    break
+            while not self.stopping:
+                if max_groups is not None and started >= max_groups:
+                    break
+                self._maybe_update_weights()
+                if not self.client.admitted(self.engine.policy_version):
+                    if pending is not None:  # don't sit on finished work while waiting
+                        self._finish(pending, deadline=None)
+                        pending = None
+                    if not self._wait_admission():
+                        break
+                n = self.prompts_per_batch if max_groups is None else min(self.prompts_per_batch, max_groups - started)
+                batch = self._generate(n)
+                if batch is None:  # prompts exhausted
+                    break
+                started += len(batch.prompts)
+                self.client.set_state(in_flight=len(batch.prompts) + self._in_flight(pending))
+                if pending is not None:
+                    self._finish(pending, deadline=None)
+                pending = batch
+                self._report(pending)
+            if pending is not None:  # the last batch (or the in-flight one at a stop)
+                deadline = time.monotonic() + self.stop_grace_s if self.stopping else None
+                self._finish(pending, deadline=deadline)
+                pending = None
+        except ShutdownRequested:
+            self.request_stop(f"learner shutdown: {self.client.shutdown_reason}")
+        except BaseException as e:
+            self.request_stop(f"error: {type(e).__name__}: {e}")
+            log.exception("actor %s: loop failed", self.actor_id)
+            raise
+        finally:
+            if pending is not None:
+                try:
+                    self._finish(pending, deadline=time.monotonic() + self.stop_grace_s)
+                except Exception:  # still close the client and save the cursor
+                    log.exception("actor %s: finishing the in-flight groups failed", self.actor_id)
+            reason = self._stop_reason or (f"learner shutdown: {self.client.shutdown_reason}"
+                                           if self.client.shutdown_requested else "done")
+            self.prompts.save()
+            try:
+                self._report(None)
+            except Exception:  # pragma: no cover - metrics are best effort at exit
+                pass
+            self.client.close(goodbye=True, reason=reason[:200])
+            if in_main and old_handler is not None:
+                signal.signal(signal.SIGTERM, old_handler)
+            log.info("actor %s stopped (%s): %d groups sent, %d dropped (verifier), %d dropped (stop), cursor %d",
+                     self.actor_id, reason, self.stats["groups_sent"], self.stats["groups_dropped_verifier"],
+                     self.stats["groups_dropped_stop"], self.prompts.committed)
+        return {**self.stats, "cursor": self.prompts.committed, "reason": reason,
+                "policy_version": self.engine.policy_version}
+
+    # ------------------------------------------------------------------ steps
+    def _wait_admission(self) -> bool:
+        """Wait until admitted, loading new weights as they are announced. False on stop."""
+        t0 = time.monotonic()
+        try:
+            while not self.stopping:
+                if self.client.admitted(self.engine.policy_version):
+                    return True
+                self._maybe_update_weights()
+                if self.client.wait_admitted(self.engine.policy_version, timeout=self.poll_s):
+                    return True
+            return False
+        finally:
+            self.stats["admission_wait_s"] += time.monotonic() - t0
+
+    def _maybe_update_weights(self) -> None:
+        upd = self.client.latest_update
+        if upd is None or upd.policy_version <= max(self.engine.policy_version, self._fetched_for):
+            return
+        self._fetched_for = upd.policy_version  # one receive per announcement
+        if self.weight_receiver is None:
+            if not self._warned_no_receiver:
+                log.warning("actor %s: policy %d announced but no weight receiver", self.actor_id, upd.policy_version)
+                self._warned_no_receiver = True
+            self._fetched_for = -1
+            return
+        t0 = time.monotonic()
+        version, state = self.weight_receiver.receive(timeout_s=self.cfg.async_.weight_sync_timeout_s, copy=True)
+        if version > self.engine.policy_version:
+            self.engine.load_weights(state, version)
+            self.stats["weight_updates"] += 1
+        self.stats["weights_wait_s"] += time.monotonic() - t0
+        self.client.set_state(policy_version=self.engine.policy_version)
+        log.info("actor %s: loaded policy version %d (%.2f s)", self.actor_id, version, time.monotonic() - t0)
+
+    def _generate(self, n: int) -> _Batch | None:
+        gcfg = self.cfg.generation
+        items, ids_list = [], []
+        while len(items) < n:
+            got = self.prompts.next_batch(n - len(items))
+            if not got:
+                break
+            for after, (pid, prompt, ref) in got:
+                ids = to_token_ids(prompt, self.tokenizer)
+                if not ids or len(ids) > gcfg.max_prompt_tokens:
+                    self.stats["prompts_skipped"] += 1
+                    items.append((after, pid, ids, ref, False))
+                else:
+                    items.append((after, pid, ids, ref, True))
+                    ids_list.append(ids)
+        if not items:
+            return None
+        version = self.engine.policy_version
+        t0 = time.monotonic()
+        samples = []
+        if ids_list:
+            seed = self._seed + self._batches * (1 << 20)
+            samples = self.engine.generate(ids_list, k=gcfg.k, temperature=gcfg.temperature, top_p=gcfg.top_p,
+                                           max_tokens=gcfg.max_tokens, seed=seed)
+        gen_s = time.monotonic() - t0
+        self._batches += 1
+        self.stats["gen_s"] += gen_s
+        ntok = sum(len(s.token_ids) for per in samples for s in per)
+        self.stats["tokens"] += ntok
+        self._last_tps = ntok / gen_s if gen_s > 0 else 0.0
+        batch = _Batch(version=version, gen_s=gen_s, t_submit=time.monotonic())
+        it = iter(samples)
+        for after, pid, ids, ref, ok in items:
+            if not ok:  # skipped prompt: nothing to send, but it is handled
+                batch.prompts.append((after, pid, ids, [], []))
+                continue
+            per = next(it)
+            for s in per:
+                if s.policy_version != version:
+                    raise RuntimeError(f"engine sampled version {s.policy_version}, expected {version}")
+            futs = [self.pool.submit(self.verifier_kind, self.detokenize(s.token_ids), ref) for s in per]
+            batch.prompts.append((after, pid, ids, per, futs))
+        return batch
+
+    def _finish(self, batch: _Batch, deadline: float | None) -> None:
+        """Collect the batch's verdicts, send its groups (drop on verifier failure); with a
+        ``deadline`` whatever is not done by then is dropped and logged."""
+        while batch.next_index < len(batch.prompts):
+            after, pid, ids, samples, futs = batch.prompts[batch.next_index]
+            if not samples:
+                self._handled(batch, after)
+                continue
+            t0 = time.monotonic()
+            try:
+                verdicts = [f.result(timeout=None if deadline is None else max(0.0, deadline - time.monotonic()))
+                            for f in futs]
+            except FutureTimeout:
+                break
+            finally:
+                self.stats["verify_wait_s"] += time.monotonic() - t0
+            verify_s = time.monotonic() - batch.t_submit
+            bad = [v.status for v in verdicts if v.status in FAILURE_STATUSES]
+            if bad:
+                self.stats["groups_dropped_verifier"] += 1
+                log.warning("actor %s: group %s dropped: verifier %s", self.actor_id, pid, bad[0])
+                self._handled(batch, after)
+                continue
+            group = self._group(pid, ids, samples, verdicts, batch, verify_s)
+            if not self._send(group, deadline):
+                break
+            self.stats["groups_sent"] += 1
+            self._handled(batch, after)
+        left = len(batch.prompts) - batch.next_index
+        if left:
+            self.stats["groups_dropped_stop"] += left
+            log.warning("actor %s: stopping: %d in-flight group(s) dropped (prompts not committed: "
+                        "a restart generates them again)", self.actor_id, left)
+        elif deadline is not None:
+            log.info("actor %s: stopping: in-flight groups finished and sent", self.actor_id)
+        batch.next_index = len(batch.prompts)
+        self.prompts.save()
+        self.client.set_state(in_flight=0)
+
+    def _handled(self, batch: _Batch, after: int) -> None:
+        self.prompts.commit(after)
+        batch.next_index += 1
+
+    def _send(self, group: TrajectoryGroup, deadline: float | None) -> bool:
+        t0 = time.monotonic()
+        try:
+            while True:
+                timeout = self.poll_s if deadline is None else min(self.poll_s, max(0.0, deadline - time.monotonic()))
+                try:
+                    if self.client.send_group(group, timeout=timeout):
+                        return True
+                except ShutdownRequested:
+                    return False
+                if deadline is not None and time.monotonic() >= deadline:
+                    return False
+                if deadline is None and self._stop.is_set():
+                    # a stop arrived while waiting for credit: give it the grace period
+                    deadline = time.monotonic() + self.stop_grace_s
+        finally:
+            self.stats["send_wait_s"] += time.monotonic() - t0
+
+    def _group(self, pid: str, prompt_ids: list[int], samples, verdicts, batch: _Batch,
+               verify_s: float) -> TrajectoryGroup:
+        responses = []
+        for s, v in zip(samples, verdicts):
+            n = len(s.token_ids)
+            responses.append(Response.from_numpy(
+                np.asarray(s.token_ids, dtype=np.int32),
+                np.minimum(np.asarray(s.logprobs, dtype=np.float32), 0.0),
+                np.full(n, s.policy_version, dtype=np.int32),
+                finish_reason=s.finish_reason, outcome_reward=float(v.reward), verifier_status=v.status,
+            ))
+        return TrajectoryGroup(prompt_id=pid[:256], prompt_tokens=Int32Vector.from_numpy(np.asarray(prompt_ids, np.int32)),
+                               responses=responses, policy_version=batch.version, gen_s=batch.gen_s,
+                               verify_s=max(0.0, verify_s))
+
+    def _report(self, batch: _Batch | None) -> None:
+        lv = self.client.learner_version
+        m = {f"actor/{k}": float(v) for k, v in self.stats.items()}
+        m["actor/tokens_per_s"] = float(getattr(self, "_last_tps", 0.0))
+        m["actor/policy_version"] = float(self.engine.policy_version)
+        m["actor/version_lag"] = float(max(0, lv - self.engine.policy_version)) if lv is not None else 0.0
+        if batch is not None:
+            m["actor/batch_gen_s"] = batch.gen_s
+        self.client.set_state(policy_version=self.engine.policy_version, metrics=m)
+        self.client.send_metrics(m)

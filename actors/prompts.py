@@ -1,0 +1,205 @@
+"""Prompt source of an actor: one shard of a dataset, read in order, with a resumable cursor.
+
+Contract
+--------
+- Input: a JSONL file (one JSON object a line) or a parquet file (needs ``pyarrow``; without
+  it only JSONL is supported and opening a parquet file raises ``ImportError``). Each row
+  holds a prompt (``prompt_key``: a string, a chat message list ``[{"role", "content"}]``, or
+  a list of token ids) and a reference answer (``answer_key``; by default the first of
+  ``reference``/``answer``/``ground_truth``/``solution`` present). The prompt id is the row's
+  ``id_key`` value when present, else ``"<file stem>:<row index>"``.
+- Sharding: row ``i`` (0-based, over the whole file) belongs to shard ``i % num_shards``.
+- Cursor: the number of this shard's rows already handed out *and committed*. Iterating
+  (``next_batch`` / ``__iter__``) hands rows out from ``position``; ``commit(n)`` marks the
+  first ``n`` rows of the shard as done and ``save()`` writes ``{"cursor": n, ...}`` to
+  ``cursor_file`` atomically (temporary file + fsync + rename). A new ``PromptSource`` with the
+  same ``cursor_file`` (same file, shard and shard count) starts at the saved cursor; a cursor
+  file written for another shard layout is an error. With ``loop=True`` the shard is read
+  again from its start after its end (the cursor keeps counting; the epoch is cursor // size).
+- Tokenisation: ``to_token_ids(prompt, tokenizer)``: a token-id list passes through unchanged
+  (the tokenizer-free mode used by tests); with a tokenizer that has a chat template, a
+  string becomes one user message and messages go through ``apply_chat_template(...,
+  add_generation_prompt=True)``; without a chat template the raw text (messages: their
+  contents joined by newlines) is encoded.
+
+Not covered: shuffling (the file's order is the order), filtering by length (the actor skips
+prompts longer than ``generation.max_prompt_tokens``), remote storage.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["PromptItem", "PromptSource", "to_token_ids", "write_jsonl", "PARQUET_AVAILABLE"]
+
+try:  # optional dependency: parquet needs pyarrow
+    import pyarrow.parquet as _pq  # type: ignore
+
+    PARQUET_AVAILABLE = True
+except ImportError:  # pragma: no cover - depends on the environment
+    _pq = None
+    PARQUET_AVAILABLE = False
+
+ANSWER_KEYS = ("reference", "answer", "ground_truth", "solution")
+
+# (prompt_id, prompt: str | list[dict] | list[int], reference)
+PromptItem = tuple[str, Any, Any]
+
+
+def _read_rows(path: Path) -> list[dict]:
+    if path.suffix == ".parquet":
+        if _pq is None:
+            raise ImportError(f"reading {path} needs pyarrow, which is not installed (JSONL works without it)")
+        return _pq.read_table(path).to_pylist()
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            line = line.strip()
+            if not line:
+                continue
+            row = json.loads(line)
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{n}: a row must be a JSON object")
+            rows.append(row)
+    return rows
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=str(path.parent))
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def write_jsonl(path: str | os.PathLike, rows: Sequence[dict]) -> None:
+    """Write rows as JSONL (helper for tests and data preparation)."""
+    _atomic_write(Path(path), "".join(json.dumps(r) + "\n" for r in rows))
+
+
+class PromptSource:
+    """See the module docstring."""
+
+    def __init__(self, path: str | os.PathLike, shard: int = 0, num_shards: int = 1,
+                 cursor_file: str | os.PathLike | None = None, *, prompt_key: str = "prompt",
+                 answer_key: str | None = None, id_key: str = "id", loop: bool = False):
+        if num_shards < 1 or not 0 <= shard < num_shards:
+            raise ValueError(f"shard must be in 0..{num_shards - 1}, got {shard}")
+        self.path = Path(path)
+        self.shard, self.num_shards = int(shard), int(num_shards)
+        self.cursor_file = Path(cursor_file) if cursor_file is not None else None
+        self.prompt_key, self.answer_key, self.id_key = prompt_key, answer_key, id_key
+        self.loop = loop
+        rows = _read_rows(self.path)
+        self._rows = rows[self.shard::self.num_shards]
+        self._first_index = self.shard  # row i of the shard is row shard + i * num_shards
+        self.committed = self._load_cursor()
+        self.position = self.committed  # next row to hand out
+
+    # ---------------------------------------------------------------- cursor
+    def _load_cursor(self) -> int:
+        if self.cursor_file is None or not self.cursor_file.exists():
+            return 0
+        state = json.loads(self.cursor_file.read_text(encoding="utf-8"))
+        if (state.get("shard"), state.get("num_shards")) != (self.shard, self.num_shards):
+            raise ValueError(f"cursor file {self.cursor_file} is for shard {state.get('shard')}/"
+                             f"{state.get('num_shards')}, not {self.shard}/{self.num_shards}")
+        return int(state["cursor"])
+
+    def commit(self, cursor: int) -> None:
+        """Mark the shard's first ``cursor`` rows as done (never moves backwards)."""
+        if cursor > self.position:
+            raise ValueError(f"commit({cursor}) beyond the rows handed out ({self.position})")
+        self.committed = max(self.committed, int(cursor))
+
+    def rewind(self) -> None:
+        """Hand rows out again from the committed cursor (uncommitted ones are re-read)."""
+        self.position = self.committed
+
+    def save(self) -> None:
+        """Persist the committed cursor (atomic); no-op without a cursor file."""
+        if self.cursor_file is None:
+            return
+        _atomic_write(self.cursor_file, json.dumps({
+            "cursor": self.committed, "path": str(self.path), "shard": self.shard,
+            "num_shards": self.num_shards, "size": len(self._rows),
+        }))
+
+    # ---------------------------------------------------------------- rows
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    @property
+    def exhausted(self) -> bool:
+        return not self._rows or (not self.loop and self.position >= len(self._rows))
+
+    def item(self, cursor: int) -> PromptItem:
+        """The item at shard position ``cursor`` (modulo the shard size when looping)."""
+        i = cursor % len(self._rows) if self.loop else cursor
+        row = self._rows[i]
+        if self.prompt_key not in row:
+            raise KeyError(f"row {self._first_index + i * self.num_shards} of {self.path} has no {self.prompt_key!r}")
+        prompt = row[self.prompt_key]
+        if self.answer_key is not None:
+            ref = row.get(self.answer_key)
+        else:
+            ref = next((row[k] for k in ANSWER_KEYS if k in row), None)
+        pid = row.get(self.id_key)
+        if pid is None:
+            pid = f"{self.path.stem}:{self._first_index + i * self.num_shards}"
+        if self.loop and cursor >= len(self._rows):
+            pid = f"{pid}@{cursor // len(self._rows)}"
+        return str(pid), prompt, ref
+
+    def next_batch(self, n: int) -> list[tuple[int, PromptItem]]:
+        """Up to ``n`` items as ``(cursor_after, item)``: ``commit(cursor_after)`` marks the
+        item (and all before it) done. Empty once the shard is exhausted."""
+        out = []
+        while len(out) < n and not self.exhausted:
+            it = self.item(self.position)
+            self.position += 1
+            out.append((self.position, it))
+        return out
+
+    def __iter__(self) -> Iterator[PromptItem]:
+        """Items from ``position`` on; each one handed out is committed (simple readers)."""
+        while not self.exhausted:
+            ((after, it),) = self.next_batch(1)
+            self.commit(after)
+            yield it
+
+
+def to_token_ids(prompt: Any, tokenizer=None) -> list[int]:
+    """Prompt (token ids, text, or chat messages) -> token ids (see the module docstring)."""
+    if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        return [int(t) for t in prompt]  # already token ids (tokenizer-free mode)
+    if tokenizer is None:
+        raise ValueError("a text or chat prompt needs a tokenizer")
+    if isinstance(prompt, str):
+        messages = [{"role": "user", "content": prompt}]
+        text = prompt
+    elif isinstance(prompt, (list, tuple)) and all(isinstance(m, dict) for m in prompt):
+        messages = list(prompt)
+        text = "\n".join(str(m.get("content", "")) for m in messages)
+    else:
+        raise TypeError(f"unsupported prompt type {type(prompt).__name__}")
+    if getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        if isinstance(ids, dict) or hasattr(ids, "keys"):  # a BatchEncoding in some versions
+            ids = ids["input_ids"]
+        return [int(t) for t in ids]
+    return [int(t) for t in tokenizer.encode(text, add_special_tokens=True)]

@@ -321,3 +321,23 @@ def test_stop_without_credit_drops_in_flight_and_keeps_their_prompts(tmp_path, m
         actor.request_stop()
         thread.join(timeout=30)
         server.close()
+
+
+def test_prompt_source_reads_parquet_with_cursor(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from actors.prompts import PromptSource
+
+    rows = [{"id": f"q{i}", "prompt": [{"role": "user", "content": f"what is {i}+{i}?"}], "answer": str(2 * i)}
+            for i in range(6)]
+    path = tmp_path / "train.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    src = PromptSource(path, shard=1, num_shards=2, cursor_file=tmp_path / "cursor.json")
+    batch = src.next_batch(2)
+    assert [item[0] for _, item in batch] == ["q1", "q3"]
+    assert batch[0][1][1] == [{"role": "user", "content": "what is 1+1?"}] and batch[0][1][2] == "2"
+    src.commit(batch[-1][0])
+    src.save()
+    again = PromptSource(path, shard=1, num_shards=2, cursor_file=tmp_path / "cursor.json")
+    assert [item[0] for _, item in again.next_batch(5)] == ["q5"]

@@ -14,6 +14,7 @@ warm-up; the median round counts. The last line ends with ``ratio R`` = real / r
 """
 
 import argparse
+import os
 import statistics
 import subprocess
 import sys
@@ -91,6 +92,26 @@ def spawn(role, args, traj, ctrl=""):
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
 
 
+def _threads_cpu() -> dict:
+    """CPU seconds per thread of this process (Linux /proc), by thread name."""
+    out = {}
+    tck = os.sysconf("SC_CLK_TCK")
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            with open(f"/proc/self/task/{tid}/comm") as f:
+                name = f.read().strip()
+        except OSError:
+            continue
+        out[tid] = (name, (int(fields[11]) + int(fields[12])) / tck)
+    return out
+
+
+def _io_cpu(before: dict, after: dict) -> float:
+    return sum(a[1] - before.get(t, (None, 0.0))[1] for t, a in after.items() if a[0].startswith("ZMQbg"))
+
+
 def _sender_cpu(proc) -> float:
     out, _ = proc.communicate()
     return float(out.split("sender-cpu")[-1])
@@ -105,14 +126,16 @@ def run_raw(args, size):
     r.bind("tcp://127.0.0.1:*")
     proc = spawn("raw", args, r.getsockopt_string(zmq.LAST_ENDPOINT))
     nbytes = 0
+    recv = r.recv  # [routing id, payload], read the cheapest way pyzmq offers (as the real path does)
     for _ in range(WARMUP):
-        r.recv_multipart(copy=False)
-    t0, c0 = time.perf_counter(), time.process_time()
+        recv()
+        recv(copy=False)
+    t0, c0, th0, p0 = time.perf_counter(), time.process_time(), time.thread_time(), _threads_cpu()
     for _ in range(args.groups):
-        frames = r.recv_multipart(copy=False)
-        nbytes += len(frames[1])
-    dt, rcpu = time.perf_counter() - t0, time.process_time() - c0
-    cpu = rcpu / args.groups, _sender_cpu(proc) / (args.groups + WARMUP)
+        recv()
+        nbytes += len(recv(copy=False))
+    dt, rcpu, rth, p1 = time.perf_counter() - t0, time.process_time() - c0, time.thread_time() - th0, _threads_cpu()
+    cpu = rcpu / args.groups, rth / args.groups, _io_cpu(p0, p1) / args.groups, _sender_cpu(proc) / (args.groups + WARMUP)
     r.close(linger=0)
     ctx.term()
     assert nbytes == size * args.groups
@@ -133,13 +156,13 @@ def run_real(args, size):
         for _ in range(WARMUP):
             recv()
         nbytes = 0
-        t0, c0 = time.perf_counter(), time.process_time()
+        t0, c0, th0, p0 = time.perf_counter(), time.process_time(), time.thread_time(), _threads_cpu()
         for _ in range(args.groups):
             env = recv()
             nbytes += size  # every envelope of this run encodes to the same size (+- seq bytes)
-        dt, rcpu = time.perf_counter() - t0, time.process_time() - c0
+        dt, rcpu, rth, p1 = time.perf_counter() - t0, time.process_time() - c0, time.thread_time() - th0, _threads_cpu()
         assert env is not None and env.seq == args.groups + WARMUP - 1
-        cpu = rcpu / args.groups, _sender_cpu(proc) / (args.groups + WARMUP)
+        cpu = rcpu / args.groups, rth / args.groups, _io_cpu(p0, p1) / args.groups, _sender_cpu(proc) / (args.groups + WARMUP)
         c = srv.counters()
     assert c["received"] == args.groups + WARMUP and c["rejected"] == 0 and c["lost"] == 0, c
     return args.groups / dt, nbytes / dt, cpu
@@ -147,11 +170,12 @@ def run_real(args, size):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--groups", type=int, default=4000, help="timed messages per round")
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--groups", type=int, default=4000, help="timed messages per round and path")
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--k", type=int, default=4, help="responses per group")
     ap.add_argument("--tokens", type=int, default=1000, help="mean tokens per response")
-    ap.add_argument("--window", type=int, default=64, help="credit window")
+    ap.add_argument("--window", type=int, default=256,
+                    help="credit window (a throughput setting; runs default to transport.credit_window=8)")
     ap.add_argument("--role", choices=["raw", "real"], help=argparse.SUPPRESS)
     ap.add_argument("--traj", help=argparse.SUPPRESS)
     ap.add_argument("--ctrl", help=argparse.SUPPRESS)
@@ -163,15 +187,19 @@ def main():
 
     size = len(payload(args))
     print(f"group: K={args.k}, ~{args.tokens} tokens/response, {size} bytes encoded; "
-          f"{args.groups} timed messages x {args.rounds} rounds, credit window {args.window}")
+          f"{args.groups} timed messages x {args.rounds} rounds per path, credit window {args.window}")
     rates = {"raw": [], "real": []}
     for i in range(args.rounds):
-        for mode, fn in (("raw", run_raw), ("real", run_real)):
-            g, b, (rcpu, scpu) = fn(args, size)
+        order = (("raw", run_raw), ("real", run_real))
+        for mode, fn in (order if i % 2 == 0 else order[::-1]):  # alternate: drift hits both
+            g, b, (rcpu, rth, rio, scpu) = fn(args, size)
             rates[mode].append((g, b))
-            print(f"round {i}: {mode:4s} {g:8.0f} groups/s {b / 1e6:8.1f} MB/s   "
-                  f"cpu/group: receiver {rcpu * 1e6:5.0f} us, sender {scpu * 1e6:5.0f} us")
+            print(f"round {i}: {mode:4s} {g:8.0f} groups/s {b / 1e6:8.1f} MB/s   cpu/group: receiver {rcpu * 1e6:4.0f} us "
+                  f"(python {rth * 1e6:3.0f}, zmq io {rio * 1e6:3.0f}), sender {scpu * 1e6:4.0f} us", flush=True)
     med = {m: (statistics.median(g for g, _ in v), statistics.median(b for _, b in v)) for m, v in rates.items()}
+    paired = statistics.median(r[0] / w[0] for r, w in zip(rates["real"], rates["raw"]))
+    print(f"per-round real/raw: {' '.join(f'{r[0] / w[0]:.2f}' for r, w in zip(rates['real'], rates['raw']))} "
+          f"(median {paired:.2f})")
     ratio = med["real"][0] / med["raw"][0]
     print(f"median: real {med['real'][0]:.0f} groups/s {med['real'][1] / 1e6:.1f} MB/s; "
           f"raw {med['raw'][0]:.0f} groups/s {med['raw'][1] / 1e6:.1f} MB/s; ratio {ratio:.2f}")

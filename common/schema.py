@@ -26,8 +26,6 @@ Contract
   responses whose three arrays differ in length, NaN/inf or positive (> ``LOGP_TOL``)
   log-probs, rewards outside [0, 1], groups with no responses or an empty prompt.
   ``encode(..., validate=True)`` runs exactly the receiver's checks before sending.
-- Decoding is zero-copy for token data: a decoded ``Array.data`` is a read-only memoryview
-  into the received buffer (see ``Array``).
 
 Not covered here: sockets, credits, sequence accounting (``common/transport.py``), how
 weights are fetched (the ``PolicyUpdate`` handle is opaque), token ids against the
@@ -70,6 +68,7 @@ __all__ = [
     "encode",
     "encode_into",
     "decode",
+    "decode_batch",
     "check_logprobs",
     "peek_identity",
     "validate",
@@ -142,22 +141,14 @@ class _Body(_S, tag_field="kind"):
 
 
 class Array(_S):
-    """A dense n-d array: ``dtype`` from ``DTYPES``, ``shape``, C-order little-endian bytes.
-
-    ``data`` is bytes-like: ``bytes`` when built here (``from_numpy``); after ``decode`` a
-    read-only ``memoryview`` into the received message, so receiving copies no token data.
-    Equality, ``to_numpy``, ``to_torch``, pickling and re-encoding work the same for both;
-    ``bytes(a.data)`` detaches one (a view keeps its whole message alive).
-    """
+    """A dense n-d array: ``dtype`` from ``DTYPES``, ``shape`` (a tuple, numpy-style; a
+    msgpack array on the wire), ``data``: the C-order little-endian bytes."""
 
     dtype: DType
-    shape: Annotated[list[Annotated[int, Meta(ge=0, le=1 << 40)]], Meta(max_length=8)]
-    data: memoryview  # msgpack bin
+    shape: Annotated[tuple[Annotated[int, Meta(ge=0, le=1 << 40)], ...], Meta(max_length=8)]
+    data: bytes  # msgpack bin
 
     _fixed_dtype: ClassVar[str | None] = None
-
-    def __reduce__(self):  # pickle/copy: a memoryview cannot be pickled, its bytes can
-        return (type(self), (self.dtype, list(self.shape), bytes(self.data)))
 
     @classmethod
     def from_numpy(cls, arr: Any, dtype: str | None = None):
@@ -180,7 +171,7 @@ class Array(_S):
             a = a.astype(want)
         if cls._fixed_dtype is not None and a.ndim != 1:
             raise ValueError(f"{cls.__name__} is 1-d, got shape {a.shape}")
-        return cls(dtype=name, shape=list(a.shape), data=np.ascontiguousarray(a).tobytes())
+        return cls(dtype=name, shape=tuple(a.shape), data=np.ascontiguousarray(a).tobytes())
 
     def check(self) -> int:
         """Validate dtype and byte size; return the element count."""
@@ -204,7 +195,7 @@ class Array(_S):
         return torch.from_numpy(self.to_numpy(copy=True))
 
 
-_Dim1 = Annotated[list[Annotated[int, Meta(ge=0, le=1 << 40)]], Meta(min_length=1, max_length=1)]
+_Dim1 = tuple[Annotated[int, Meta(ge=0, le=1 << 40)]]
 
 
 class Int32Vector(Array):
@@ -375,7 +366,7 @@ def encode_into(env: Envelope, buf: bytearray, validate: bool = True) -> None:
     allocate nothing per message."""
     _ENCODER.encode_into(env, buf)
     if validate:
-        decode(bytes(buf))  # views into a bytearray would pin its size
+        decode(buf)
 
 
 def validate(env: Envelope) -> None:
@@ -385,7 +376,7 @@ def validate(env: Envelope) -> None:
 
 def decode(buf, max_bytes: int = MAX_MESSAGE_BYTES, check_values: bool = True) -> Envelope:
     """One wire message (bytes or any buffer) -> a validated Envelope, else
-    ``ProtocolError(reason)``. Array data in the result are views of ``buf``.
+    ``ProtocolError(reason)``.
     ``check_values=False`` leaves the log-prob values of a group unchecked: the caller
     must pass it to ``check_logprobs`` (which checks many groups in one vectorised pass)."""
     if len(buf) > max_bytes:
@@ -419,6 +410,59 @@ def peek_identity(buf) -> tuple[str, str, int] | None:
     except Exception:
         return None
     return p.actor_id, p.incarnation, p.seq
+
+
+def decode_batch(bufs, max_bytes: int = MAX_MESSAGE_BYTES) -> list:
+    """``decode`` for several wire messages at once (a receiver's queue): the same checks
+    and reasons, but the log-probs of all their groups are checked in one vectorised pass.
+    Returns, in order, ``(Envelope, None)`` or ``(None, ProtocolError)`` per message."""
+    out = []
+    parts = []   # log-prob buffers of every group that passed so far
+    spans = []   # (index in out, first part, end part)
+    dec = _DECODER.decode
+    for buf in bufs:
+        try:
+            if len(buf) > max_bytes:
+                raise ProtocolError("too_large", f"{len(buf)} bytes > {max_bytes}")
+            try:
+                env = dec(buf)
+            except Exception:
+                decode(buf, max_bytes)  # the slow path names the reason
+                raise  # pragma: no cover  (decode raises whenever the fast decode did)
+            if env.schema_version != SCHEMA_VERSION:
+                raise ProtocolError("schema_version", f"got {env.schema_version}, expected {SCHEMA_VERSION}")
+            g = env.body
+            if type(g) is TrajectoryGroup:  # _check_group, inlined: this runs per message
+                pt = g.prompt_tokens
+                n = pt.shape[0]
+                ok = n > 0 and len(pt.data) == 4 * n
+                first = len(parts)
+                if ok:
+                    for r in g.responses:
+                        t, b, v = r.token_ids, r.behav_logp, r.policy_version
+                        n = t.shape[0]
+                        if not (len(t.data) == len(b.data) == len(v.data) == 4 * n and b.shape[0] == n == v.shape[0]):
+                            ok = False
+                            break
+                        parts.append(b.data)
+                if not ok:
+                    del parts[first:]
+                    _explain_group(g)
+                spans.append((len(out), first, len(parts)))
+        except ProtocolError as e:
+            out.append((None, e))
+            continue
+        out.append((env, None))
+    if parts:
+        try:
+            _check_logp_values(parts)
+        except ProtocolError:  # find the culprits
+            for i, a, b in spans:
+                try:
+                    _check_logp_values(parts[a:b])
+                except ProtocolError as e:
+                    out[i] = (None, e)
+    return out
 
 
 def check_logprobs(groups: list[TrajectoryGroup]) -> list[ProtocolError | None]:

@@ -2,56 +2,68 @@
 
 Contract
 --------
-Sockets (the learner binds both, actors connect; every frame is one ``common.schema``
-Envelope):
+Sockets (the learner binds both, actors connect; every message is one ``common.schema``
+Envelope in one frame):
 - trajectory channel, ``transport.trajectory_addr``: learner ROUTER <-> actor DEALER.
-  Actor sends ``TrajectoryGroup`` (and a final ``Goodbye``); ``seq`` counts the envelopes an
-  incarnation puts on this channel, from 0. The learner answers on the same connection
-  with ``Credit`` top-ups as it consumes groups (the credit/ack loop stays on one socket
-  pair, owned by one thread at each end).
+  Actor -> learner: ``TrajectoryGroup``s, then a final ``Goodbye``; ``seq`` counts the
+  envelopes an incarnation puts on this channel, from 0. Learner -> actor on the same
+  connection: ``Credit`` top-ups as it consumes groups, and an ``Ack`` of the ``Goodbye``
+  (the actor closes only after it, or after its linger: closing while the learner still
+  writes there makes the kernel reset the connection and drop groups not yet read).
 - control channel, ``transport.control_addr``: learner ROUTER <-> actor DEALER.
-  Actor sends ``Hello`` once, then a ``Heartbeat`` every ``heartbeat_s`` (and optional
-  ``ActorMetrics``). The learner answers every Hello/Heartbeat with its current state
-  (latest ``PolicyUpdate`` if any, and a ``Credit`` carrying the cumulative grant, the
-  learner's policy version and eta; or ``Shutdown``), and pushes ``PolicyUpdate`` /
-  ``Credit`` / ``Shutdown`` to known actors when they change. A late joiner therefore
-  learns the current version, first credits and admission bound from the reply to its
-  Hello, not from a broadcast it missed (no PUB/SUB anywhere); a lost control message is
-  repaired by the next heartbeat's reply.
+  Actor -> learner: ``Hello`` once, a ``Heartbeat`` every ``heartbeat_s`` (weights version,
+  groups in flight, groups sent, metrics), optional ``ActorMetrics``, and a ``Goodbye`` on
+  leaving. The learner answers every Hello/Heartbeat with its current state (the latest
+  ``PolicyUpdate`` if any, and a ``Credit`` with the cumulative grant, its policy version
+  and eta; or ``Shutdown``) and pushes ``PolicyUpdate``/``Credit``/``Shutdown`` to known
+  actors when they change. A late joiner learns the current version, credits and eta from
+  the reply to its Hello, not from a broadcast it missed (no PUB/SUB anywhere); a lost
+  control message is repaired by the next heartbeat's reply.
 
 Invariants
 - Back-pressure: an actor never sends a group without a credit. ``Credit.granted_total`` is
   cumulative per incarnation; the actor may send while ``granted_total > groups_sent`` and
   otherwise blocks (or reports "no credit"). The learner grants up to ``credit_window``
-  groups beyond the last seq it consumed, topping up as ``recv_group`` consumes groups.
+  groups beyond the last seq ``recv_group`` handed out, topping up as it hands out more
+  (a quarter window at a time), so an actor has at most ``credit_window`` groups queued.
 - Admission: an actor may start a group only while ``learner_version - own_version <= eta``
-  (``max_staleness``), using the latest version it has heard of; until it has heard from
-  the learner it is not admitted.
+  (``max_staleness``), using the newest version it has heard of; before it has heard from
+  the learner, and after shutdown, it is not admitted.
 - Accounting by (actor_id, incarnation, seq): a repeated seq is dropped and counted as a
-  duplicate; a jump in seq counts the skipped seqs as lost (a later arrival of one of them
-  is accepted and counted as late); a new incarnation of an actor id replaces the old one,
-  whose accounting is closed: seqs up to the last ``groups_sent`` it reported (heartbeat or
-  goodbye) that never arrived are counted lost. Valid groups that arrive are never dropped
-  (old-incarnation and uncredited ones are delivered too, the latter counted).
-- Every received frame goes through ``schema.decode``; malformed frames are dropped and
-  counted by reason, and the receiver keeps serving. Nothing is unpickled.
+  duplicate; a jump in seq counts the skipped seqs as lost (one that arrives later is
+  delivered and counted as late); a new incarnation of an actor id replaces the old one,
+  whose accounting is closed: seqs below the last ``groups_sent`` it reported (heartbeat
+  or goodbye) that never arrived are counted lost (sends after its last heartbeat cannot
+  be known). Valid groups that arrive are always delivered (an old incarnation's and
+  uncredited ones too, the latter counted).
+- Every received frame goes through ``schema`` decoding; malformed frames are dropped and
+  counted by reason (``schema.REASONS`` plus ``bad_frames``, ``unexpected_kind``,
+  ``internal_error``) and the receiver keeps serving. A rejected group whose envelope
+  names a known incarnation still uses up its seq (counted rejected, not lost). Nothing
+  is unpickled. Queued trajectory messages are decoded in batches (up to ``_BATCH``) so
+  that the log-prob checks of all their groups are one vectorised pass.
 - Liveness: an actor is alive while its last message is younger than ``peer_timeout_s``
   and it has not said goodbye or been replaced.
 - Security: loopback endpoints (127.0.0.0/8, ::1, localhost, ipc, inproc) run without
   CURVE unless ``curve_force``; any other endpoint needs CURVE: the learner's secret key
   (``curve_secret_key``) and a folder of allowed actor public keys
-  (``curve_public_keys_dir``), else ``TransportSecurityError`` before anything binds. Actors
-  use ``curve_client_secret_key`` and the learner's public key. Peers without an allowed
-  key complete no handshake, so nothing of theirs is ever read.
+  (``curve_public_keys_dir``, read at start), else ``TransportSecurityError`` before
+  anything binds. Actors use ``curve_client_secret_key`` and the learner's public key.
+  Peers without an allowed key complete no handshake, so nothing of theirs is ever read;
+  failed handshakes are counted.
+- Counters (``LearnerServer.counters()``, or ``metrics()`` under ``system/transport/``):
+  received, duplicates, gaps, lost, late, uncredited, rejected and rejected/<reason>,
+  credits_granted, alive_actors, incarnations, goodbyes, timeouts, auth failures.
 
-Threads: ``LearnerServer.recv_group`` and ``ActorClient.send_group`` (and ``close``) run in
-the caller's thread, which owns the trajectory socket (one caller thread each); a
-background thread per object owns the control socket and shares state with the caller
-under a lock, waking it through an inproc pipe.
+Threads: ``LearnerServer.recv_group`` and ``ActorClient.send_group``/``close`` run in the
+caller's thread, which owns the trajectory socket (one caller thread each); a background
+thread per object owns the control socket and shares state with the caller under a lock,
+waking it through an inproc pipe.
 
 Not covered: moving weights (a ``PolicyUpdate`` only names a backend and a handle), the
 learner's staleness filtering of finished groups, recovery from a learner restart (actors
-should restart too: a new learner starts its accounting afresh), ordering across actors.
+should restart too: a new learner starts its accounting afresh), binding an actor id to a
+CURVE key (any allowed key may claim any actor id), ordering across actors.
 """
 
 from __future__ import annotations
@@ -77,7 +89,7 @@ from common.schema import (
     SCHEMA_VERSION,
     Ack,
     ActorMetrics,
-    check_logprobs,
+    decode_batch,
     peek_identity,
     Credit,
     Envelope,
@@ -267,6 +279,7 @@ class _Incarnation:
 
 
 _BATCH = 32                 # queued trajectory messages processed together
+_NOBLOCK = int(zmq.NOBLOCK)
 _MAX_TRACKED_GAP = 1 << 16  # larger seq jumps are counted but their seqs not remembered
 _MAX_OLD_INCARNATIONS = 8   # closed incarnations remembered per actor id
 
@@ -387,8 +400,7 @@ class LearnerServer:
     def recv_group(self, timeout: float | None = None) -> Envelope | None:
         """The next valid trajectory group (an Envelope whose body is a TrajectoryGroup),
         or None after ``timeout`` seconds (None = wait forever). Consuming it tops up the
-        sender's credit. Invalid frames are counted and skipped. Call from one thread.
-        The arrays' ``data`` are read-only views of the received frame (zero-copy)."""
+        sender's credit. Invalid frames are counted and skipped. Call from one thread."""
         if not self._started or self._closed:
             raise TransportError("server is not running")
         ready = self._ready
@@ -419,78 +431,86 @@ class LearnerServer:
         ms = -1 if deadline is None else max(0, int((deadline - time.monotonic()) * 1000 + 0.999))
         if ms != self._rcvtimeo:
             sock.rcvtimeo = self._rcvtimeo = ms
+        recv = sock.recv
         try:
-            batch = [sock.recv_multipart(copy=False)]
+            head = recv()  # the routing id; blocks up to the deadline
         except zmq.Again:
             return False
-        while len(batch) < _BATCH and sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-            batch.append(sock.recv_multipart(zmq.NOBLOCK, copy=False))
-        max_bytes = self.cfg.max_message_bytes
-        decoded = []  # (envelope or None, routing id frame, ProtocolError or identity)
-        groups = []
-        for frames in batch:
-            if len(frames) != 2:  # routing id + one message frame
+        batch = []  # (routing id, message frame)
+        while True:
+            # a ROUTER message is [routing id, frames...] (a peer message has >= 1 frame, all
+            # of them already here); ours have exactly one frame, read without a copy (the
+            # decoder copies each array's bytes out of it once)
+            body = recv(copy=False)
+            if not body.more:
+                batch.append((head, body))
+            else:
+                while body.more:
+                    body = recv(copy=False)
                 self._reject("bad_frames", "trajectory")
-                continue
-            buf = frames[1].buffer
+            if len(batch) >= _BATCH:
+                break
             try:
-                env = decode(buf, max_bytes, check_values=False)
-            except ProtocolError as e:
-                ident = peek_identity(buf) if len(buf) <= max_bytes else None
-                if ident is None:
-                    self._reject(e.reason, "trajectory")
-                else:  # account its seq as received-invalid, in order with the rest
-                    decoded.append((None, frames[0], (e, ident)))
-                continue
-            except Exception:  # a decoder bug must not take the receiver down
-                log.exception("transport: unexpected error decoding a trajectory message")
-                self._reject("internal_error", "trajectory")
-                continue
-            kind = type(env.body)
-            if kind is TrajectoryGroup:
-                groups.append(env.body)
-            elif kind is not Goodbye:
-                self._reject("unexpected_kind", "trajectory")
-                continue
-            decoded.append((env, frames[0], None))
-        errors = iter(check_logprobs(groups)) if groups else None
+                head = recv(_NOBLOCK)
+            except zmq.Again:
+                break
+        max_bytes = self.cfg.max_message_bytes
+        bufs = [b.buffer for _, b in batch]
+        try:
+            results = decode_batch(bufs, max_bytes)
+        except Exception:  # a decoder bug must not take the receiver down
+            log.exception("transport: unexpected error decoding trajectory messages")
+            results = []
+            for buf in bufs:
+                try:
+                    results.append((decode(buf, max_bytes), None))
+                except ProtocolError as e:
+                    results.append((None, e))
+                except Exception:
+                    results.append((None, ProtocolError("internal_error")))
         now = time.monotonic()
         ready = self._ready
+        n_ready = len(ready)
         refund = []
         acks = []
+        incs = self._incs
         with self._lock:
             c = self._c
-            for env, ident, bad in decoded:
-                if env is not None and type(env.body) is TrajectoryGroup:
-                    err = next(errors)
-                    if err is not None:
-                        bad = (err, (env.actor_id, env.incarnation, env.seq))
-                if bad is not None:
-                    # rejected: counted by reason; in a known incarnation its seq is
-                    # accounted as received (not lost) and its credit returned
-                    err, (actor_id, incarnation, seq) = bad
+            last = None  # ((actor_id, incarnation), record) of the previous group: usually the same
+            for (ident, frame), (env, err) in zip(batch, results):
+                if env is not None:
+                    body = env.body
+                    if type(body) is TrajectoryGroup:
+                        key = env.actor_id, env.incarnation
+                        if last is not None and last[0] == key:
+                            rec = last[1]
+                        else:
+                            rec = incs.get(key) or self._record(*key, promote=False)
+                            last = (key, rec)
+                        seq = env.seq
+                        if seq == rec.next_seq:  # the common case, inline
+                            rec.next_seq = seq + 1
+                        elif not self._account(rec, seq):
+                            continue
+                        rec.received += 1
+                        rec.last_seen = now
+                        if seq >= rec.granted_total:
+                            c["uncredited"] += 1
+                        ready.append((env, rec, ident))
+                        continue
+                    if type(body) is not Goodbye:
+                        env, err = None, ProtocolError("unexpected_kind")
+                if env is None:
+                    # rejected: counted by reason; in a known incarnation (the envelope is
+                    # readable that far) its seq is accounted as received, not lost, and
+                    # its credit returned
                     self._rejected[err.reason] += 1
                     c["rejected_trajectory"] += 1
-                    rec = self._incs.get((actor_id, incarnation))
-                    if rec is not None and seq >= 0 and self._account(rec, seq, count_duplicate=False):
-                        refund.append((seq, rec, ident))
+                    who = peek_identity(frame.buffer) if err.reason not in ("too_large", "unexpected_kind") else None
+                    rec = incs.get(who[:2]) if who is not None else None
+                    if rec is not None and who[2] >= 0 and self._account(rec, who[2], count_duplicate=False):
+                        refund.append((who[2], rec, ident))
                     continue
-                body = env.body
-                if type(body) is TrajectoryGroup:
-                    rec = self._incs.get((env.actor_id, env.incarnation))
-                    if rec is None:
-                        rec = self._record(env.actor_id, env.incarnation, promote=False)
-                    seq = env.seq
-                    if seq == rec.next_seq:  # the common case, inline
-                        rec.next_seq = seq + 1
-                    elif not self._account(rec, seq):
-                        continue
-                    c["received"] += 1
-                    rec.received += 1
-                    rec.last_seen = now
-                    if seq >= rec.granted_total:
-                        c["uncredited"] += 1
-                    ready.append((env, rec, ident))
                 else:  # Goodbye: after all of this incarnation's groups (same connection)
                     rec = self._record(env.actor_id, env.incarnation, promote=False)
                     if self._account(rec, env.seq):
@@ -500,6 +520,7 @@ class LearnerServer:
                         rec.reported_sent = max(rec.reported_sent, body.groups_sent, env.seq)
                         self._close_incarnation(rec, "goodbye")
                     acks.append((env.seq, ident))
+            c["received"] += len(ready) - n_ready
         for seq, rec, ident in refund:
             self._consumed(seq, rec, ident)
         for seq, ident in acks:  # the last thing this connection gets from us
@@ -516,9 +537,11 @@ class LearnerServer:
     def _consumed(self, seq: int, rec: _Incarnation, ident) -> None:
         """Seq ``seq`` of ``rec`` is used up (the learner took it, or it was rejected): top
         the sender up with credit if it is running low, on the trajectory connection."""
+        if seq >= rec.consumed_next:  # only this thread writes it; the control thread reads
+            rec.consumed_next = seq + 1
+        if rec.granted_total - rec.consumed_next > self._refill_at:
+            return  # plenty left: the common case, no lock
         with self._lock:
-            if seq >= rec.consumed_next:
-                rec.consumed_next = seq + 1
             if (rec.granted_total - rec.consumed_next > self._refill_at or rec.closed
                     or self._shutdown_reason is not None or self._current.get(rec.actor_id) is not rec):
                 return

@@ -57,7 +57,7 @@ def env_of(body, seq=0):
 
 def wire(env) -> dict:
     """The envelope as plain msgpack-able data (bytes kept), for hand-made mutations."""
-    return msgspec.to_builtins(env, builtin_types=(bytes, memoryview))
+    return msgspec.to_builtins(env, builtin_types=(bytes,))
 
 
 def reason_of(obj) -> str:
@@ -104,7 +104,7 @@ def test_every_message_round_trips_exactly(body):
             assert bytes(a.data) == bytes(b.data)  # bit for bit
             assert a.shape == b.shape and a.dtype == b.dtype
             assert np.array_equal(a.to_numpy(), b.to_numpy())
-        # a second trip through the decoded (zero-copy) object gives the same bytes
+        # a second trip through the decoded object gives the same bytes
         assert encode(back) == raw
 
 
@@ -116,16 +116,17 @@ def test_arrays_travel_as_raw_bytes_not_int_lists():
     assert g.responses[0].token_ids.data in raw
 
 
-def test_decoded_arrays_are_zero_copy_views_and_behave_like_bytes():
+def test_decoded_arrays_are_plain_bytes_and_numpy_views():
     raw = encode(env_of(make_group()))
     back = decode(raw)
     arr = back.body.responses[0].behav_logp
-    assert isinstance(arr.data, memoryview) and arr.data.readonly
-    np.testing.assert_array_equal(arr.to_numpy(), make_group().responses[0].behav_logp.to_numpy())
+    assert type(arr.data) is bytes and arr.shape == (5,)
+    view = arr.to_numpy()
+    assert not view.flags.writeable  # a view of the bytes, no copy
+    np.testing.assert_array_equal(view, make_group().responses[0].behav_logp.to_numpy())
     t = arr.to_torch()
     t += 1  # a writable copy, the message is untouched
-    assert bytes(arr.data) == bytes(make_group().responses[0].behav_logp.data)
-    # pickling and deep copies work despite the views
+    assert arr.data == make_group().responses[0].behav_logp.data
     again = pickle.loads(pickle.dumps(back))
     assert again == back and copy.deepcopy(back) == back
 
@@ -133,7 +134,7 @@ def test_decoded_arrays_are_zero_copy_views_and_behave_like_bytes():
 def test_array_helpers():
     x = np.arange(12, dtype=np.float64).reshape(3, 4)
     a = Array.from_numpy(x)
-    assert (a.dtype, a.shape, len(a.data)) == ("float64", [3, 4], 96)
+    assert (a.dtype, a.shape, len(a.data)) == ("float64", (3, 4), 96)
     np.testing.assert_array_equal(a.to_numpy(), x)
     assert a.to_torch().shape == (3, 4)
     assert Array.from_numpy([1, 2, 3], "int32").to_numpy().dtype == np.int32
@@ -144,7 +145,7 @@ def test_array_helpers():
     with pytest.raises(ValueError, match="1-d"):
         Int32Vector.from_numpy(np.zeros((2, 2), dtype=np.int32))
     assert Float32Vector.from_numpy([-0.5, -1.0]).dtype == "float32"
-    bad = Array(dtype="int32", shape=[3], data=b"\x00" * 8)
+    bad = Array(dtype="int32", shape=(3,), data=b"\x00" * 8)
     with pytest.raises(ProtocolError) as e:
         bad.to_numpy()
     assert e.value.reason == "array_size"
@@ -275,7 +276,7 @@ def test_too_large_is_rejected_before_parsing():
     with pytest.raises(ProtocolError) as e:
         decode(raw, max_bytes=len(raw) - 1)
     assert e.value.reason == "too_large"
-    assert decode(raw, max_bytes=len(raw)).body.responses[0].token_ids.shape == [3000]
+    assert decode(raw, max_bytes=len(raw)).body.responses[0].token_ids.shape == (3000,)
 
 
 def test_tiny_rounding_above_zero_is_tolerated():
@@ -320,6 +321,23 @@ def test_batch_logprob_check_finds_the_culprits():
     errs = check_logprobs(groups)
     assert [e is None for e in errs] == [True, True, False, True, True]
     assert errs[2].reason == "positive_logp"
+
+
+def test_decode_batch_agrees_with_decode_message_by_message():
+    msgs = [encode(env_of(make_group(seed=i), seq=i)) for i in range(4)]
+    for cases in CASES.values():
+        msgs += [c if isinstance(c, bytes) else msgspec.msgpack.encode(c) for c in cases]
+    msgs.insert(2, b"\x00" * 2000)
+    results = S.decode_batch(msgs, max_bytes=1000_000)
+    assert len(results) == len(msgs)
+    for m, (env, err) in zip(msgs, results):
+        try:
+            want = decode(m, max_bytes=1000_000)
+        except ProtocolError as e:
+            assert env is None and err.reason == e.reason
+        else:
+            assert err is None and env == want
+    assert S.decode_batch([b"\x00" * 2000], max_bytes=1000)[0][1].reason == "too_large"
 
 
 def test_peek_identity_of_rejected_messages():

@@ -400,7 +400,8 @@ class LearnerServer:
     def recv_group(self, timeout: float | None = None) -> Envelope | None:
         """The next valid trajectory group (an Envelope whose body is a TrajectoryGroup),
         or None after ``timeout`` seconds (None = wait forever). Consuming it tops up the
-        sender's credit. Invalid frames are counted and skipped. Call from one thread."""
+        sender's credit. Invalid frames are counted and skipped. Call from one thread.
+        The arrays' ``data`` are read-only views of the received frame (zero-copy)."""
         if not self._started or self._closed:
             raise TransportError("server is not running")
         ready = self._ready
@@ -439,8 +440,7 @@ class LearnerServer:
         batch = []  # (routing id, message frame)
         while True:
             # a ROUTER message is [routing id, frames...] (a peer message has >= 1 frame, all
-            # of them already here); ours have exactly one frame, read without a copy (the
-            # decoder copies each array's bytes out of it once)
+            # of them already here); ours have exactly one frame, kept zero-copy
             body = recv(copy=False)
             if not body.more:
                 batch.append((head, body))
@@ -542,9 +542,9 @@ class LearnerServer:
         if rec.granted_total - rec.consumed_next > self._refill_at:
             return  # plenty left: the common case, no lock
         with self._lock:
-            if (rec.granted_total - rec.consumed_next > self._refill_at or rec.closed
+            if (rec.granted_total - rec.consumed_next > self._refill_at or rec.closed or rec.identity is None
                     or self._shutdown_reason is not None or self._current.get(rec.actor_id) is not rec):
-                return
+                return  # (no credit for an incarnation that never announced itself)
             credit = self._grant(rec)
         self._send_traj(ident, credit)
 

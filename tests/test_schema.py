@@ -116,19 +116,21 @@ def test_arrays_travel_as_raw_bytes_not_int_lists():
     assert g.responses[0].token_ids.data in raw
 
 
-def test_decoded_arrays_are_plain_bytes_and_numpy_views():
+def test_decoded_arrays_are_zero_copy_views_that_behave_like_bytes():
     raw = encode(env_of(make_group()))
     back = decode(raw)
     arr = back.body.responses[0].behav_logp
-    assert type(arr.data) is bytes and arr.shape == (5,)
+    assert isinstance(arr.data, memoryview) and arr.data.readonly and arr.shape == (5,)
     view = arr.to_numpy()
-    assert not view.flags.writeable  # a view of the bytes, no copy
+    assert not view.flags.writeable  # a view of the message, no copy
     np.testing.assert_array_equal(view, make_group().responses[0].behav_logp.to_numpy())
     t = arr.to_torch()
     t += 1  # a writable copy, the message is untouched
-    assert arr.data == make_group().responses[0].behav_logp.data
+    assert bytes(arr.data) == make_group().responses[0].behav_logp.data
+    # pickling and deep copies work despite the views
     again = pickle.loads(pickle.dumps(back))
     assert again == back and copy.deepcopy(back) == back
+    assert type(again.body.responses[0].behav_logp.data) is bytes
 
 
 def test_array_helpers():

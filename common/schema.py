@@ -444,22 +444,10 @@ def decode_batch(bufs, max_bytes: int = MAX_MESSAGE_BYTES) -> list:
             if env.schema_version != SCHEMA_VERSION:
                 raise ProtocolError("schema_version", f"got {env.schema_version}, expected {SCHEMA_VERSION}")
             g = env.body
-            if type(g) is TrajectoryGroup:  # _check_group, inlined: this runs per message
-                pt = g.prompt_tokens
-                n = pt.shape[0]
-                ok = n > 0 and len(pt.data) == 4 * n
+            if type(g) is TrajectoryGroup:
+                logps = _check_group(g)  # raises the group's ProtocolError
                 first = len(parts)
-                if ok:
-                    for r in g.responses:
-                        t, b, v = r.token_ids, r.behav_logp, r.policy_version
-                        n = t.shape[0]
-                        if not (len(t.data) == len(b.data) == len(v.data) == 4 * n and b.shape[0] == n == v.shape[0]):
-                            ok = False
-                            break
-                        parts.append(b.data)
-                if not ok:
-                    del parts[first:]
-                    _explain_group(g)
+                parts.extend(logps)
                 spans.append((len(out), first, len(parts)))
         except ProtocolError as e:
             out.append((None, e))

@@ -13,7 +13,11 @@ Contract
    verification is pending, then waits, loading new weights as soon as they are announced.
 3. ``prompts_per_batch`` prompts are generated with ``k`` samples each in ONE ``generate``
    call, so every sample (and every token's ``policy_version``) of the batch comes from one
-   engine version. Every response is submitted to the verifier pool at once.
+   engine version. Every response is submitted to the verifier pool at once. With an engine
+   that takes in-flight updates (``generation.engine: vllm-async``), ``generate`` runs in a
+   worker thread while this loop keeps loading announced weights into it (step 1 during the
+   batch); tokens then carry the version that sampled them (non-decreasing, never older
+   than the group's ``policy_version``, the version at the start of the batch).
 4. Only then are the previous batch's verdicts collected (verification of batch n overlaps
    generation of batch n+1), its ``TrajectoryGroup``s built (int32 tokens, float32 engine
    log-probs, per-token versions, finish reasons, rewards, statuses) and sent under credit.
@@ -35,7 +39,8 @@ Metrics (``client.send_metrics`` after each batch, also in the heartbeat): ``act
 ``actor/version_lag``, ``actor/policy_version``, ``actor/groups_sent``,
 ``actor/groups_dropped_verifier``, ``actor/prompts_skipped``, ``actor/weight_updates``.
 
-Not covered: multiple engines per actor, partial (token-level) weight updates mid-generation.
+Not covered: multiple engines per actor; in-flight updates on the ``vllm``/``hf`` engines
+(they take weights between batches only).
 """
 
 from __future__ import annotations
@@ -45,7 +50,7 @@ import signal
 import threading
 import time
 import zlib
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import Callable
@@ -72,6 +77,18 @@ class _Batch:
     # per prompt: (cursor_after, prompt_id, prompt_ids, samples, futures)
     prompts: list[tuple[int, str, list[int], list, list[Future]]] = field(default_factory=list)
     next_index: int = 0  # prompts[:next_index] are handled
+
+
+def check_sample_versions(sample, version: int) -> None:
+    """A sample of a batch started at ``version``: one version per token, never older than
+    ``version`` and non-decreasing (in-flight updates only move forward)."""
+    v = sample.versions()
+    if len(v) != len(sample.token_ids):
+        raise RuntimeError(f"engine gave {len(v)} token versions for {len(sample.token_ids)} tokens")
+    if v and (v[0] < version or any(b < a for a, b in zip(v, v[1:]))):
+        raise RuntimeError(f"engine token versions {v[0]}..{v[-1]} not non-decreasing from {version}")
+    if sample.token_versions is None and sample.policy_version != version:
+        raise RuntimeError(f"engine sampled version {sample.policy_version}, expected {version}")
 
 
 class Actor:
@@ -105,6 +122,7 @@ class Actor:
         self._batches = 0
         self._warned_no_receiver = False
         self._fetched_for = -1  # newest announced version a receive was done for
+        self._gen_thread: ThreadPoolExecutor | None = None  # in-flight mode only
         self.stats: dict[str, float] = {
             "groups_sent": 0, "groups_dropped_verifier": 0, "groups_dropped_stop": 0, "prompts_skipped": 0,
             "weight_updates": 0, "tokens": 0, "gen_s": 0.0, "verify_wait_s": 0.0, "weights_wait_s": 0.0,
@@ -182,6 +200,8 @@ class Actor:
             except Exception:  # pragma: no cover - metrics are best effort at exit
                 pass
             self.client.close(goodbye=True, reason=reason[:200])
+            if self._gen_thread is not None:
+                self._gen_thread.shutdown(wait=False)
             if in_main and old_handler is not None:
                 signal.signal(signal.SIGTERM, old_handler)
             log.info("actor %s stopped (%s): %d groups sent, %d dropped (verifier), %d dropped (stop), cursor %d",
@@ -247,8 +267,12 @@ class Actor:
         samples = []
         if ids_list:
             seed = self._seed + self._batches * (1 << 20)
-            samples = self.engine.generate(ids_list, k=gcfg.k, temperature=gcfg.temperature, top_p=gcfg.top_p,
-                                           max_tokens=gcfg.max_tokens, seed=seed)
+            kwargs = dict(k=gcfg.k, temperature=gcfg.temperature, top_p=gcfg.top_p, max_tokens=gcfg.max_tokens,
+                          seed=seed)
+            if getattr(self.engine, "inflight_updates", False):
+                samples = self._generate_inflight(ids_list, kwargs)
+            else:
+                samples = self.engine.generate(ids_list, **kwargs)
         gen_s = time.monotonic() - t0
         self._batches += 1
         self.stats["gen_s"] += gen_s
@@ -263,11 +287,22 @@ class Actor:
                 continue
             per = next(it)
             for s in per:
-                if s.policy_version != version:
-                    raise RuntimeError(f"engine sampled version {s.policy_version}, expected {version}")
+                check_sample_versions(s, version)
             futs = [self.pool.submit(self.verifier_kind, self.detokenize(s.token_ids), ref) for s in per]
             batch.prompts.append((after, pid, ids, per, futs))
         return batch
+
+    def _generate_inflight(self, ids_list: list[list[int]], kwargs: dict) -> list:
+        """Generate in a worker thread; meanwhile new weights announced by the learner are
+        loaded into the running engine (its samples then carry per-token versions)."""
+        if self._gen_thread is None:
+            self._gen_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"gen-{self.actor_id}")
+        fut = self._gen_thread.submit(self.engine.generate, ids_list, **kwargs)
+        while True:
+            try:
+                return fut.result(timeout=self.poll_s)
+            except FutureTimeout:
+                self._maybe_update_weights()
 
     def _finish(self, batch: _Batch, deadline: float | None) -> None:
         """Collect the batch's verdicts, send its groups (drop on verifier failure); with a
@@ -338,7 +373,7 @@ class Actor:
             responses.append(Response.from_numpy(
                 np.asarray(s.token_ids, dtype=np.int32),
                 np.minimum(np.asarray(s.logprobs, dtype=np.float32), 0.0),
-                np.full(n, s.policy_version, dtype=np.int32),
+                np.asarray(s.versions(), dtype=np.int32),
                 finish_reason=s.finish_reason, outcome_reward=float(v.reward), verifier_status=v.status,
             ))
         return TrajectoryGroup(prompt_id=pid[:256], prompt_tokens=Int32Vector.from_numpy(np.asarray(prompt_ids, np.int32)),

@@ -68,11 +68,16 @@ class ModelConfig(_Section):
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="Parameter dtype of the learner's models (CPU: float32). [dtype]"
     )
+    parallel: Literal["ddp", "fsdp2"] = Field(
+        "ddp",
+        description="How the learner spreads its models over ranks: 'ddp' = policy and PRM replicated with DistributedDataParallel (world > 1), reference replicated; 'fsdp2' = policy, PRM and the frozen reference sharded with FSDP2 (fully_shard per decoder layer, then the root), whenever a process group exists (world >= 1). [enum]",
+    )
 
 
 class GenerationConfig(_Section):
-    engine: Literal["vllm", "hf"] = Field(
-        "vllm", description="Actor generation backend: vLLM or transformers generate. [enum]"
+    engine: Literal["vllm", "vllm-async", "hf"] = Field(
+        "vllm",
+        description="Actor generation backend: 'vllm' (offline LLM; weights loaded between batches), 'vllm-async' (AsyncLLM; announced weights are loaded in flight with pause_generation(mode='keep'), tokens carry the version that sampled them) or 'hf' (transformers generate). [enum]",
     )
     k: int = Field(4, ge=1, description="Responses sampled per prompt (K; RLOO/GRPO need K >= 2). [responses]")
     temperature: float = Field(1.0, gt=0.0, le=10.0, description="Sampling temperature. [dimensionless]")

@@ -12,14 +12,18 @@ Invariants every backend keeps:
   then the top-p nucleus renormalised (with ``top_p == 1`` this is exactly
   ``learner.logprobs.token_logprobs`` at the same temperature). ``finish_reason`` is
   ``"stop"`` (an end-of-sequence id was sampled) or ``"length"`` (``max_tokens`` reached).
-- All K samples of a call come from one policy version, recorded in ``Sample.policy_version``.
+- All K samples of a call come from one policy version, recorded in ``Sample.policy_version``
+  -- except on an engine with ``inflight_updates`` (``vllm-async``), where ``load_weights``
+  may land mid-call: ``Sample.policy_version`` is then the version at the start of the call
+  and ``Sample.token_versions`` the version that sampled each token (non-decreasing).
 - ``load_weights(weights, version)`` replaces the weights in place (no restart) and sets
   ``policy_version``; versions never decrease. ``weights`` is a ``{name: tensor}`` state dict
   in transformers' naming, a ``.safetensors`` file, or a directory of them.
 
-Not covered here: tokenisation and chat templates (prompts arrive as token ids), streaming
-or in-flight weight updates, how weights reach the actor (common/weight_sync.py), and
-temperature 0 (greedy) sampling, which has no useful behaviour log-probs.
+Not covered here: tokenisation and chat templates (prompts arrive as token ids), how weights reach the actor (common/weight_sync.py), and
+behaviour log-probs for greedy decoding: ``temperature=0`` (evaluation) picks the argmax at
+every step, needs ``k == 1`` and ignores ``top_p``/``seed``; its ``Sample.logprobs`` are those
+of the unscaled (temperature 1) distribution, diagnostics only -- the actor never asks for it.
 """
 
 from __future__ import annotations
@@ -48,12 +52,20 @@ class Sample:
     logprobs: list[float]
     finish_reason: FinishReason
     policy_version: int
+    token_versions: list[int] | None = None  # per token; None = policy_version for every token
+
+    def versions(self) -> list[int]:
+        """The policy version of every token."""
+        if self.token_versions is None:
+            return [self.policy_version] * len(self.token_ids)
+        return list(self.token_versions)
 
 
 class Engine(ABC):
     """Common API of the generation backends (see the module docstring for the contract)."""
 
     kind: str = "abstract"
+    inflight_updates: bool = False  # True: load_weights may be called while generate runs
     eos_token_ids: list[int]  # ids that end a response (set by each backend)
 
     def __init__(self, policy_version: int = 0) -> None:
@@ -108,8 +120,11 @@ def check_sampling_args(prompts: Sequence[Sequence[int]], k: int, temperature: f
     """Raise ValueError on arguments no backend supports."""
     if k < 1:
         raise ValueError(f"k must be >= 1 (got {k})")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0 (got {temperature}); greedy is not supported")
+    if temperature == 0:  # greedy (evaluation): see the module docstring
+        if k != 1:
+            raise ValueError(f"greedy decoding (temperature 0) needs k == 1 (got {k})")
+    elif not temperature > 0:
+        raise ValueError(f"temperature must be > 0, or 0 for greedy (got {temperature})")
     if not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1] (got {top_p})")
     if max_tokens < 1:

@@ -57,7 +57,7 @@ from typing import Callable
 
 import numpy as np
 
-from actors.prompts import PromptSource, to_token_ids
+from actors.prompts import PromptSource, split_reference, to_token_ids
 from actors.verifiers.verdict import FAILURE_STATUSES
 from common.schema import Int32Vector, Response, TrajectoryGroup
 from common.transport import ShutdownRequested
@@ -288,7 +288,8 @@ class Actor:
             per = next(it)
             for s in per:
                 check_sample_versions(s, version)
-            futs = [self.pool.submit(self.verifier_kind, self.detokenize(s.token_ids), ref) for s in per]
+            kind, value = split_reference(ref, self.verifier_kind)  # a row may name its verifier
+            futs = [self.pool.submit(kind, self.detokenize(s.token_ids), value) for s in per]
             batch.prompts.append((after, pid, ids, per, futs))
         return batch
 

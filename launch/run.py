@@ -1,10 +1,11 @@
-"""One-machine launcher.
+"""One-machine launcher: the learner under torchrun, the actors and the evaluator as child
+processes, one live progress view; nothing is left running when it ends or is interrupted.
 
-For now it runs the setup self-check (common/selfcheck.py): config, vLLM on a tiny model,
-and one PRIME step in torch. The end-to-end PRIME run (actors + torchrun learner) replaces
-it when it lands; the command line stays the same.
+    python launch/run.py [--config FILE] [--steps N] [--output-dir DIR] [--nproc-per-node N] [key=value ...]
+    python launch/run.py --selfcheck [--no-vllm]     # the setup self-check (common/selfcheck.py)
 
-    python launch/run.py [--config FILE] [--steps N] [--output-dir DIR] [--no-vllm] [key=value ...]
+Default config: configs/tiny.yaml, the embedded arithmetic task on CPU (common/local_run.py
+says what a run does and writes).
 """
 
 import argparse
@@ -22,6 +23,8 @@ def parse(argv=None):
     ap.add_argument("--config", default=str(ROOT / "configs" / "tiny.yaml"), help="YAML config (default: configs/tiny.yaml)")
     ap.add_argument("--steps", type=int, help="shorthand for run.steps=N")
     ap.add_argument("--output-dir", help="shorthand for run.output_dir=DIR")
+    ap.add_argument("--nproc-per-node", type=int, default=1, help="learner ranks (torchrun --nproc-per-node)")
+    ap.add_argument("--selfcheck", action="store_true", help="run the setup self-check instead of training")
     ap.add_argument("--no-vllm", action="store_true", help="self-check: sample with torch instead of vLLM")
     ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. prime.beta=0.1")
     args = ap.parse_args(argv)
@@ -39,13 +42,29 @@ def parse(argv=None):
 
 def main(argv=None):
     cfg, args = parse(argv)
+    import logging
+
+    logging.basicConfig(level=cfg.logging.level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if args.selfcheck:
+        return selfcheck(cfg, args)
+    from common.local_run import run_local
+
+    try:
+        run_local(cfg, nproc_per_node=args.nproc_per_node)
+    except KeyboardInterrupt as e:
+        sys.exit(f"interrupted: {e}")
+    except RuntimeError as e:
+        sys.exit(f"error: {e}")
+
+
+def selfcheck(cfg, args):
     from rich.console import Console
     from rich.table import Table
 
     from common.selfcheck import run_selfcheck
 
     console = Console()
-    console.print("[bold]Self-check[/bold] (the end-to-end PRIME run is not implemented yet)")
+    console.print("[bold]Self-check[/bold]")
     result = run_selfcheck(cfg, cfg.run.output_dir, use_vllm=not args.no_vllm)
     table = Table("check", "value")
     for k, v in result.items():

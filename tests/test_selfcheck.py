@@ -1,4 +1,4 @@
-"""The README's main command (launch/run.py) runs the setup self-check: the CPU build of
+"""`launch/run.py --selfcheck` runs the setup self-check: the CPU build of
 vLLM really starts and samples, its log-probs agree with the learner's forward, and one
 PRIME step runs in torch."""
 
@@ -31,7 +31,7 @@ def test_selfcheck_torch_sampler(tmp_path):
 
 def test_main_command_selfcheck_with_vllm(tmp_path):
     out = tmp_path / "run"
-    r = subprocess.run([sys.executable, str(ROOT / "launch" / "run.py"), "--output-dir", str(out)],
+    r = subprocess.run([sys.executable, str(ROOT / "launch" / "run.py"), "--selfcheck", "--output-dir", str(out)],
                        capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
     res = json.loads((out / "selfcheck.json").read_text())

@@ -1,0 +1,192 @@
+"""Periodic held-out evaluation during training, in its own process (never stalls the learner).
+
+Who calls it: ``launch/run.py`` starts ``python launch/actors.py --evaluator --config FILE``
+next to the actors; a cluster run may start it on any host that reaches the learner.
+
+Contract
+--------
+- It joins the transport as the client ``evaluator`` (heartbeats, never sends groups) to
+  hear ``PolicyUpdate``s, and fetches weights like an actor (``AnnouncedReceiver``).
+- It evaluates the starting policy (``model.policy_path``, version 0) before it connects,
+  then the newest version whenever it
+  has advanced by ``eval.every`` since the last evaluation (it skips versions while busy:
+  it never holds anything up), and at the end the final policy saved by the learner in
+  ``<run_dir>/final`` (``"final": true``).
+- One evaluation: the held-out prompts (``eval.heldout_path``, first ``eval.limit``), each
+  sampled ``eval.samples`` times at ``eval.temperature`` (default: the training temperature),
+  ``accuracy`` = mean reward over all those samples; with ``eval.greedy`` also one greedy
+  answer each (``greedy_accuracy``). Responses are scored by the verifier pool; a verifier
+  error is counted (``errors``) and excluded from the mean, never scored 0.
+- Output: one JSON line per evaluation in ``<run_dir>/eval.jsonl`` (policy_version, accuracy,
+  greedy_accuracy, n, errors, seconds, final) and TensorBoard scalars ``eval/accuracy``,
+  ``eval/greedy_accuracy`` under ``<run_dir>/tb/eval`` with the policy version as the step.
+Not covered: benchmark suites (``actors.evaluate`` / ``launch/eval.py``), pass@k.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+EVALUATOR_ID = "evaluator"
+
+
+def load_items(path, limit: int = 0) -> list:
+    """``(prompt_id, prompt, reference)`` items of a held-out file, the first ``limit`` (0 = all)."""
+    from actors.prompts import PromptSource
+
+    src = PromptSource(path)
+    n = len(src) if limit == 0 else min(limit, len(src))
+    return [src.item(i) for i in range(n)]
+
+
+def score(engine, pool, tokenizer, items, *, samples: int, temperature: float, max_tokens: int, seed: int,
+          default_kind: str = "math", chunk: int = 64) -> dict:
+    """Generate ``samples`` responses per item and verify them. Returns accuracy (mean reward
+    over verdicts that are not errors), n (verdicts), errors and per-item rewards."""
+    from actors.prompts import split_reference, to_token_ids
+    from actors.verifiers.verdict import FAILURE_STATUSES
+
+    rewards: list[list[float]] = []
+    errors = 0
+    for lo in range(0, len(items), chunk):
+        part = items[lo:lo + chunk]
+        ids = [to_token_ids(prompt, tokenizer) for _, prompt, _ in part]
+        outs = engine.generate(ids, k=samples, temperature=temperature, max_tokens=max_tokens, seed=seed + lo)
+        futs = []
+        for (_, _, ref), per in zip(part, outs):
+            kind, value = split_reference(ref, default_kind)
+            futs.append([pool.submit(kind, tokenizer.decode(s.token_ids, skip_special_tokens=True), value)
+                         for s in per])
+        for fs in futs:
+            item = []
+            for f in fs:
+                v = f.result()
+                if v.status in FAILURE_STATUSES:
+                    errors += 1
+                else:
+                    item.append(float(v.reward))
+            rewards.append(item)
+    flat = [r for item in rewards for r in item]
+    return {"accuracy": sum(flat) / len(flat) if flat else float("nan"), "n": len(flat), "errors": errors,
+            "rewards": rewards}
+
+
+class Evaluator:
+    """See the module docstring."""
+
+    def __init__(self, cfg, engine, pool, tokenizer, items, client=None, receiver=None):
+        self.cfg, self.engine, self.pool, self.tokenizer, self.items = cfg, engine, pool, tokenizer, items
+        self.client, self.receiver = client, receiver
+        self.run_dir = Path(cfg.run.output_dir)
+        self.records: list[dict] = []
+        self._tb = None
+        if cfg.logging.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(str(self.run_dir / "tb" / "eval"))
+
+    def evaluate(self, version: int, final: bool = False) -> dict:
+        e = self.cfg.eval
+        temp = e.temperature if e.temperature is not None else self.cfg.generation.temperature
+        t0 = time.monotonic()
+        common = dict(max_tokens=self.cfg.generation.max_tokens, seed=self.cfg.run.seed + 7919,
+                      default_kind=self.cfg.actors.verifier_kind)
+        sampled = score(self.engine, self.pool, self.tokenizer, self.items, samples=e.samples, temperature=temp,
+                        **common)
+        rec = {"policy_version": int(version), "accuracy": sampled["accuracy"], "n": sampled["n"],
+               "errors": sampled["errors"], "temperature": temp, "samples": e.samples, "final": final}
+        if e.greedy:
+            greedy = score(self.engine, self.pool, self.tokenizer, self.items, samples=1, temperature=0.0, **common)
+            rec["greedy_accuracy"] = greedy["accuracy"]
+            rec["errors"] += greedy["errors"]
+        rec["seconds"] = round(time.monotonic() - t0, 2)
+        rec["time"] = time.time()
+        self.records.append(rec)
+        with open(self.run_dir / "eval.jsonl", "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        if self._tb is not None:
+            self._tb.add_scalar("eval/accuracy", rec["accuracy"], version)
+            if "greedy_accuracy" in rec:
+                self._tb.add_scalar("eval/greedy_accuracy", rec["greedy_accuracy"], version)
+            self._tb.flush()
+        log.info("eval v%d%s: accuracy %.3f (greedy %s) on %d samples, %d errors, %.1f s", version,
+                 " (final)" if final else "", rec["accuracy"], rec.get("greedy_accuracy"), rec["n"],
+                 rec["errors"], rec["seconds"])
+        return rec
+
+    def run(self, poll_s: float = 0.5, final_wait_s: float = 300.0) -> list[dict]:
+        """Evaluate as versions arrive until the learner says stop; then the final policy."""
+        every = self.cfg.eval.every
+        self.evaluate(self.engine.policy_version)  # the starting policy, as loaded from model.policy_path
+        next_v = every
+        while not self.client.shutdown_requested:
+            upd = self.client.latest_update
+            if upd is None or upd.policy_version < next_v:
+                time.sleep(poll_s)
+                continue
+            version, state = self.receiver.receive(timeout_s=self.cfg.async_.weight_sync_timeout_s, copy=True)
+            if version > self.engine.policy_version:
+                self.engine.load_weights(state, version)
+                self.evaluate(version)
+            next_v = (version // every + 1) * every
+        final = self.run_dir / "final"
+        deadline = time.monotonic() + final_wait_s
+        while not (final / "config.json").is_file() and time.monotonic() < deadline:
+            time.sleep(poll_s)
+        if (final / "config.json").is_file():
+            time.sleep(1.0)  # save_pretrained writes config first; let the weights land
+            upd = self.client.latest_update
+            version = max(self.engine.policy_version, upd.policy_version if upd is not None else 0)
+            self.engine.load_weights(str(final), version)
+            self.evaluate(version, final=True)
+        else:
+            log.warning("no final policy in %s after %.0f s: no final evaluation", final, final_wait_s)
+        return self.records
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+
+
+def run_evaluator_process(cfg) -> list[dict]:
+    """Build the evaluator for ``cfg`` and run it to the end of training."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from actors.engines import make_engine
+    from actors.process import AnnouncedReceiver, engine_options
+    from actors.verifiers.pool import VerifierPool
+    from common.transport import ActorClient
+
+    if cfg.eval.every == 0:
+        log.info("eval.every = 0: no periodic evaluation")
+        return []
+    if cfg.eval.heldout_path is None:
+        raise ValueError("eval.heldout_path is not set (the launcher sets it for task.kind=arithmetic)")
+    torch.set_num_threads(cfg.actors.threads)
+    items = load_items(cfg.eval.heldout_path, cfg.eval.limit)
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer_path or cfg.model.policy_path)
+    kind = cfg.generation.engine if cfg.generation.engine != "vllm-async" else "vllm"
+    engine = make_engine(kind, cfg.model.policy_path, **engine_options(cfg, kind))
+    receiver = ev = None
+    try:
+        with VerifierPool.from_config(cfg.verifier) as pool:
+            client = ActorClient(cfg.transport, EVALUATOR_ID).start()
+            try:
+                receiver = AnnouncedReceiver(cfg, client, rank=cfg.actors.num + 1,
+                                             num_receivers=cfg.actors.num + 1)
+                ev = Evaluator(cfg, engine, pool, tokenizer, items, client, receiver)
+                return ev.run()
+            finally:
+                client.close(goodbye=True, reason="evaluation done")
+    finally:
+        if ev is not None:
+            ev.close()
+        if receiver is not None:
+            receiver.close()
+        engine.close()

@@ -1,0 +1,112 @@
+"""One actor process: engine + verifier pool + transport client + prompt shard -> ``Actor.run``.
+
+Who calls it: ``launch/actors.py`` (through ``actors.supervisor``) starts one process per
+actor slot with ``python launch/actors.py --slot I ...``, which calls ``run_actor_process``.
+
+Contract
+--------
+- Slot ``i`` of ``actors.num`` is actor id ``actor-i``; it reads shard ``i`` of the training
+  prompts (``actors.prompts_path``, looped) with its cursor in
+  ``<run.output_dir>/actors/actor-i.cursor.json``, so a restarted process (a new transport
+  incarnation) resumes after the last handled prompt.
+- The model is ``model.policy_path`` (tokenizer: ``model.tokenizer_path`` or the same dir);
+  the engine is ``generation.engine``. Weights arrive from where each ``PolicyUpdate`` says
+  (``AnnouncedReceiver``: backend + handle of the announcement; a new handle, e.g. after a
+  learner restart, opens a new receiver).
+- Exit code 0 when the run ends normally (learner shutdown, prompts exhausted, SIGTERM);
+  an exception propagates (non-zero exit) so the supervisor restarts the slot.
+Not covered: choosing GPUs (the supervisor sets ``CUDA_VISIBLE_DEVICES``), pg-based weight
+sync with restarts (a restarted actor cannot rejoin a fixed-size gloo/NCCL group; use shm on
+one host, or restart the group).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+class AnnouncedReceiver:
+    """A weight receiver that follows the newest ``PolicyUpdate``'s backend and handle."""
+
+    def __init__(self, cfg, client, rank: int, num_receivers: int):
+        self.cfg, self.client = cfg, client
+        self.rank, self.num_receivers = int(rank), int(num_receivers)
+        self._rx = None
+        self._key: tuple[str, str] | None = None
+
+    def receive(self, timeout_s: float | None = None, copy: bool = False):
+        from common.weight_sync import receiver_from_config
+
+        upd = self.client.latest_update
+        if upd is None:
+            raise RuntimeError("no PolicyUpdate announced yet")
+        key = (upd.backend, upd.handle)
+        if self._rx is None or key != self._key:
+            self.close()
+            a = self.cfg.async_.model_copy(update={"weight_sync": upd.backend})
+            self._rx = receiver_from_config(a, rank=self.rank, num_receivers=self.num_receivers, channel=upd.handle)
+            self._key = key
+        return self._rx.receive(timeout_s=timeout_s, copy=copy)
+
+    def close(self) -> None:
+        if self._rx is not None:
+            try:
+                self._rx.close()
+            finally:
+                self._rx = None
+
+
+def engine_options(cfg, kind: str) -> dict:
+    """Backend options from the config: vLLM gets a context length that fits prompt + response."""
+    if kind.startswith("vllm"):
+        return {"max_model_len": cfg.generation.max_prompt_tokens + cfg.generation.max_tokens,
+                "seed": cfg.run.seed}
+    import torch
+
+    return {"device": "cuda" if torch.cuda.is_available() else "cpu", "seed": cfg.run.seed}
+
+
+def run_actor_process(cfg, slot: int) -> dict:
+    """Build everything for actor slot ``slot`` and run it to the end; returns its summary."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from actors.actor import Actor
+    from actors.engines import make_engine
+    from actors.prompts import PromptSource
+    from actors.verifiers.pool import VerifierPool
+    from common.transport import ActorClient
+
+    acfg = cfg.actors
+    if not 0 <= slot < acfg.num:
+        raise ValueError(f"slot {slot} not in 0..{acfg.num - 1}")
+    if acfg.prompts_path is None:
+        raise ValueError("actors.prompts_path is not set (the launcher sets it for task.kind=arithmetic)")
+    torch.set_num_threads(acfg.threads)
+    actor_id = f"actor-{slot}"
+    run_dir = Path(cfg.run.output_dir)
+    (run_dir / "actors").mkdir(parents=True, exist_ok=True)
+    model_dir = cfg.model.policy_path
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer_path or model_dir)
+    prompts = PromptSource(acfg.prompts_path, shard=slot, num_shards=acfg.num,
+                           cursor_file=run_dir / "actors" / f"{actor_id}.cursor.json", loop=True)
+    engine = make_engine(cfg.generation.engine, model_dir, **engine_options(cfg, cfg.generation.engine))
+    client = receiver = None
+    try:
+        with VerifierPool.from_config(cfg.verifier) as pool:
+            client = ActorClient(cfg.transport, actor_id).start()
+            receiver = AnnouncedReceiver(cfg, client, rank=slot + 1, num_receivers=acfg.num)
+            actor = Actor(cfg, actor_id, engine, pool, client, prompts, tokenizer=tokenizer, weight_receiver=receiver,
+                          prompts_per_batch=acfg.prompts_per_batch, verifier_kind=acfg.verifier_kind,
+                          stop_grace_s=acfg.stop_grace_s)
+            log.info("%s (pid %d): engine %s on %s, shard %d/%d from cursor %d", actor_id, os.getpid(),
+                     cfg.generation.engine, model_dir, slot, acfg.num, prompts.committed)
+            return actor.run()
+    finally:
+        if receiver is not None:
+            receiver.close()
+        engine.close()

@@ -1,0 +1,268 @@
+"""The one-machine PRIME run behind ``launch/run.py``: learner + actors + evaluator, one view.
+
+Who calls it: ``launch/run.py`` (parses the command line, then ``run_local(cfg, ...)``).
+
+Contract
+--------
+1. Inputs: with ``task.kind == "arithmetic"`` the embedded task is prepared first
+   (``actors.tasks.prepare_run``: the cached supervised warm-up, the training and held-out
+   prompt files), which fills ``model.policy_path``, ``actors.prompts_path`` and
+   ``eval.heldout_path``. The resolved config is saved to ``<run_dir>/config.yaml``; every
+   process reads that file, so they agree.
+2. Processes, each in its own session (process group) with its log in ``<run_dir>/logs/``:
+   the learner under ``torchrun --standalone --nproc-per-node N launch/learner.py``, the
+   actors through ``actors.supervisor.Supervisor`` (crashed actors restarted with back-off),
+   the evaluator (``launch/actors.py --evaluator``).
+3. A live view (rich) refreshed every second from ``metrics.jsonl`` and ``eval.jsonl``:
+   step, reward, held-out accuracy, tokens/s, version lag, actor restarts.
+4. The run ends when the learner exits: the actors get the learner's ``Shutdown``, the
+   evaluator scores the final policy; then whatever is still running is stopped
+   (SIGTERM, then SIGKILL). Ctrl-C or SIGTERM stops everything the same way. No child
+   process outlives ``run_local``.
+5. At the end: ``<run_dir>/progress.png`` (reward and held-out accuracy against steps),
+   ``<run_dir>/summary.json`` and the printed line
+   ``held-out accuracy: A% -> B% in N steps (T s)`` (A: the starting policy; B: the mean of
+   the last ``eval.last_n`` evaluations; sampled at ``eval.temperature``), greedy beside it.
+Returns the summary dict; raises ``RuntimeError`` when the learner fails.
+Not covered: several machines (start ``launch/learner.py`` with torchrun and
+``launch/actors.py`` on each actor host), GPU placement beyond ``CUDA_VISIBLE_DEVICES``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:  # a line being written
+            pass
+    return rows
+
+
+def _killpg(proc: subprocess.Popen | None, sig: int) -> None:
+    if proc is None:
+        return
+    try:
+        os.killpg(proc.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _stop(proc: subprocess.Popen | None, grace_s: float, name: str) -> None:
+    """SIGTERM the process group, wait, then SIGKILL it (always: helpers may outlive the leader)."""
+    if proc is None:
+        return
+    if proc.poll() is None:
+        _killpg(proc, signal.SIGTERM)
+        try:
+            proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            log.warning("%s did not stop in %.0f s: SIGKILL", name, grace_s)
+    _killpg(proc, signal.SIGKILL)
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:  # pragma: no cover
+        log.error("%s survived SIGKILL", name)
+
+
+def summarize(run_dir: Path, last_n: int, steps: int, seconds: float) -> dict:
+    """Summary of a finished run from its ``eval.jsonl`` and ``metrics.jsonl``."""
+    evals = _read_jsonl(run_dir / "eval.jsonl")
+    metrics = _read_jsonl(run_dir / "metrics.jsonl")
+    out: dict = {"steps": steps, "seconds": round(seconds, 1), "evaluations": len(evals)}
+    if evals:
+        tail = evals[-last_n:]
+        out["start_accuracy"] = evals[0]["accuracy"]
+        out["end_accuracy"] = sum(e["accuracy"] for e in tail) / len(tail)
+        if all("greedy_accuracy" in e for e in evals):
+            out["start_greedy_accuracy"] = evals[0]["greedy_accuracy"]
+            out["end_greedy_accuracy"] = sum(e["greedy_accuracy"] for e in tail) / len(tail)
+        out["end_versions"] = [e["policy_version"] for e in tail]
+    if metrics:
+        out["last_step"] = metrics[-1].get("step")
+        out["last_policy_version"] = metrics[-1].get("policy_version")
+    return out
+
+
+def summary_line(s: dict) -> str:
+    if "start_accuracy" not in s:
+        return f"held-out accuracy: not evaluated in {s['steps']} steps ({s['seconds']:.0f} s)"
+    line = (f"held-out accuracy: {100 * s['start_accuracy']:.1f}% -> {100 * s['end_accuracy']:.1f}% "
+            f"in {s['steps']} steps ({s['seconds']:.0f} s)")
+    if "start_greedy_accuracy" in s:
+        line += (f"; greedy {100 * s['start_greedy_accuracy']:.1f}% -> {100 * s['end_greedy_accuracy']:.1f}%")
+    return line
+
+
+def plot(run_dir: Path) -> Path | None:
+    """``progress.png``: outcome reward per step and held-out accuracy per policy version."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = _read_jsonl(run_dir / "metrics.jsonl")
+    evals = _read_jsonl(run_dir / "eval.jsonl")
+    if not metrics and not evals:
+        return None
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    xs = [m["step"] for m in metrics if m.get("reward/outcome_mean") is not None]
+    ys = [m["reward/outcome_mean"] for m in metrics if m.get("reward/outcome_mean") is not None]
+    if xs:
+        ax.plot(xs, ys, color="tab:gray", alpha=0.6, label="training reward (outcome, after filter)")
+    if evals:
+        ax.plot([e["policy_version"] for e in evals], [e["accuracy"] for e in evals], "o-", color="tab:blue",
+                label="held-out accuracy (sampled)")
+        if all("greedy_accuracy" in e for e in evals):
+            ax.plot([e["policy_version"] for e in evals], [e["greedy_accuracy"] for e in evals], "s--",
+                    color="tab:orange", label="held-out accuracy (greedy)")
+    ax.set_xlabel("learner step (= policy version)")
+    ax.set_ylabel("accuracy / reward")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    ax.set_title(f"PRIME run {run_dir.name}")
+    out = run_dir / "progress.png"
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def _view(run_dir: Path, sup, t0: float, steps: int):
+    from rich.table import Table
+
+    m = _read_jsonl(run_dir / "metrics.jsonl")
+    e = _read_jsonl(run_dir / "eval.jsonl")
+    last = m[-1] if m else {}
+
+    def f(key, fmt="{:.3f}"):
+        v = last.get(key)
+        return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else fmt.format(v)
+
+    t = Table(show_header=True, header_style="bold", title=f"PRIME  {run_dir}  ({time.time() - t0:.0f} s)")
+    for col in ("step", "version", "reward", "held-out acc", "greedy", "tok/s", "lag (mean/max)", "actors",
+                "restarts"):
+        t.add_column(col)
+    acc = f"{e[-1]['accuracy']:.3f} (v{e[-1]['policy_version']})" if e else "-"
+    greedy = f"{e[-1]['greedy_accuracy']:.3f}" if e and "greedy_accuracy" in e[-1] else "-"
+    t.add_row(f"{last.get('step', 0)}/{steps}", str(last.get("policy_version", 0)), f("reward/outcome_mean"),
+              acc, greedy, f("system/tokens_per_s", "{:.0f}"),
+              f"{f('system/version_lag_mean', '{:.2f}')}/{f('system/version_lag_max', '{:.0f}')}",
+              f("system/transport/alive_actors", "{:.0f}"), str(sup.restarts() if sup else 0))
+    return t
+
+
+def run_local(cfg, *, nproc_per_node: int = 1, live: bool = True) -> dict:
+    """Run PRIME on this machine as described in the module docstring."""
+    from rich.console import Console
+    from rich.live import Live
+
+    from actors.supervisor import Supervisor
+    from common.config import save_resolved
+
+    console = Console()
+    t_start = time.time()
+    run_dir = Path(cfg.run.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    logs = run_dir / "logs"
+    logs.mkdir(exist_ok=True)
+    task = getattr(cfg, "task", None)
+    if task is not None and task.kind == "arithmetic":
+        from actors.tasks import prepare_run
+
+        console.print("[bold]Preparing the embedded arithmetic task[/bold] (the warm-up is cached)")
+        cfg = prepare_run(cfg, console=console)
+    for name in ("eval.jsonl", "metrics.jsonl"):  # a fresh run directory's files (resume keeps them)
+        if not cfg.checkpoint.resume and (run_dir / name).exists():
+            (run_dir / name).unlink()
+    config_path = save_resolved(cfg, run_dir)
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    procs: dict[str, subprocess.Popen] = {}
+    sup = None
+    interrupted = {"sig": None}
+
+    def on_signal(signum, frame):
+        interrupted["sig"] = signum
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def spawn(name, argv):
+        with open(logs / f"{name}.log", "ab") as out:
+            procs[name] = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env,
+                                           start_new_session=True, cwd=str(ROOT))
+        return procs[name]
+
+    t0 = time.time()
+    rc = None
+    try:
+        learner = spawn("learner", [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                    f"--nproc-per-node={nproc_per_node}", str(ROOT / "launch" / "learner.py"),
+                                    "--config", str(config_path)])
+        if cfg.eval.every > 0 and cfg.eval.heldout_path:
+            spawn("evaluator", [sys.executable, str(ROOT / "launch" / "actors.py"), "--evaluator", "--config",
+                                str(config_path)])
+        sup = Supervisor(cfg, config_path, log_dir=logs).start()
+        console.print(f"learner (torchrun, {nproc_per_node} rank(s)), {cfg.actors.num} actor(s)"
+                      f"{' and the evaluator' if 'evaluator' in procs else ''} started; logs in {logs}")
+        with Live(_view(run_dir, sup, t0, cfg.run.steps), console=console, refresh_per_second=1,
+                  transient=not live, auto_refresh=False) as view:
+            while interrupted["sig"] is None:
+                rc = learner.poll()
+                if rc is not None:
+                    break
+                sup.poll()
+                view.update(_view(run_dir, sup, t0, cfg.run.steps), refresh=True)
+                time.sleep(1.0)
+            view.update(_view(run_dir, sup, t0, cfg.run.steps), refresh=True)
+        if interrupted["sig"] is not None:
+            console.print(f"[yellow]signal {interrupted['sig']}: stopping every process[/yellow]")
+        elif rc != 0:
+            console.print(f"[red]learner exited with {rc}; see {logs / 'learner.log'}[/red]")
+        else:
+            ev = procs.get("evaluator")
+            if ev is not None:  # it scores the final policy, then exits
+                deadline = time.time() + 600
+                while ev.poll() is None and time.time() < deadline and interrupted["sig"] is None:
+                    time.sleep(0.5)
+    finally:
+        if sup is not None:
+            sup.stop(grace_s=cfg.actors.stop_grace_s + 5)
+        for name, p in procs.items():
+            _stop(p, 15.0, name)
+        for s, h in old.items():
+            signal.signal(s, h)
+    elapsed = time.time() - t0
+    if interrupted["sig"] is not None:
+        raise KeyboardInterrupt(f"stopped by signal {interrupted['sig']}")
+    if rc != 0:
+        raise RuntimeError(f"the learner exited with {rc}; see {logs / 'learner.log'}")
+    metrics = _read_jsonl(run_dir / "metrics.jsonl")
+    steps = metrics[-1]["step"] if metrics else 0
+    summary = summarize(run_dir, cfg.eval.last_n, steps, elapsed)
+    summary["actor_restarts"] = sup.restarts() if sup else 0
+    summary["wall_s_with_setup"] = round(time.time() - t_start, 1)
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    png = plot(run_dir)
+    line = summary_line(summary)
+    console.print(f"run directory: {run_dir} (plot: {png})")
+    print(line, flush=True)
+    return summary

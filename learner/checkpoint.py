@@ -10,7 +10,8 @@ Contract
   ``torch.load(weights_only=True)``: a checkpoint file cannot execute code.
 - ``rng_state()`` / ``set_rng_state()`` capture torch, numpy and Python RNGs in that
   restricted format, so a resumed run draws the same numbers.
-Not covered: what goes into ``state`` (the trainer decides), sharded (FSDP) state.
+Not covered: what goes into ``state`` (the trainer decides; with FSDP2 it gathers full,
+unsharded state dicts first), per-rank sharded checkpoint files.
 """
 
 from __future__ import annotations

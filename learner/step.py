@@ -10,12 +10,26 @@ Contract
 - Batch-level statistics (prime_norm's max, RLOO groups, whitening) need the whole
   batch: the process rewards are all-gathered, the pure functions of ``learner/prime.py``
   run on the full batch on every rank, and each rank keeps its rows. Losses are sums
-  divided by the global mini-batch size, times W to undo DDP's gradient averaging.
+  divided by the global mini-batch size, times W to undo the gradient averaging of DDP
+  and of FSDP2's reduce-scatter alike.
+- Models are plain modules, DDP-wrapped, or FSDP2-sharded (``is_sharded``; the trainer
+  decides). DDP all-reduces once per optimiser step (``no_sync`` on all but the last
+  micro-batch). FSDP2 runs collectives inside every forward (all-gather) and backward
+  (reduce-scatter), so every rank must make the same sequence of forward/backward calls:
+  the micro-batch count of each forward pass (``batch_logprobs``) and of each mini-batch
+  update is all-reduced to its maximum and the shorter ranks pad with dummy micro-batches
+  (a 1-token forward whose loss is multiplied by 0: exactly zero gradient), so the update
+  equals the DDP one up to float summation order. FSDP2 reduce-scatters the gradients of
+  every micro-batch (no gradient-sync skipping: the unsharded gradients are never held).
+  Gradient clipping uses ``clip_grad_norm_``, which reduces DTensor (sharded) gradients
+  across ranks, so the clipped norm is the global one in both modes.
+- Every rank must hold the same number of groups (so the same number of mini-batches).
 - Order (paper §3-§5): reference forward -> PRM forward + cross-entropy update
   (``prm_update``: after | before | none) -> process rewards -> returns/advantages ->
   π_old recomputed when ``loss.correction`` is not ``none`` -> policy mini-batch updates
   with gradient clipping. The caller bumps ``policy_version`` and broadcasts weights.
-Not covered: ingest/filtering/staleness (rank 0's job), weight broadcast, checkpoints.
+Not covered: ingest/filtering/staleness (rank 0's job), wrapping/sharding the models,
+weight broadcast, checkpoints (``learner.trainer``).
 """
 
 from __future__ import annotations
@@ -26,6 +40,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 from common.config import PrimeRunConfig
 from learner.logprobs import token_logprobs
@@ -44,7 +59,7 @@ from learner.rollout import RolloutBatch, concat
 
 @dataclass
 class Models:
-    policy: torch.nn.Module  # DDP-wrapped when world > 1
+    policy: torch.nn.Module  # DDP-wrapped (world > 1) or FSDP2-sharded, see learner.trainer
     prm: torch.nn.Module | None  # None when process rewards are off
     ref: torch.nn.Module | None  # frozen; None when model.ref == "policy_old"
     policy_opt: torch.optim.Optimizer
@@ -55,6 +70,13 @@ def world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def is_sharded(model) -> bool:
+    """True for an FSDP2 (``fully_shard``) module: its forward/backward are collectives."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
 
 
 def shard_groups(num_groups: int, rank: int, world_size: int) -> list[int]:
@@ -91,6 +113,26 @@ def _micro_batches(batch: RolloutBatch, budget_tokens: int) -> list[list[int]]:
     return bins(pack_ffd(lengths, budget))
 
 
+def _pad_count(model, n: int, at_least: int = 0) -> int:
+    """Dummy micro-batches this rank adds so that every rank runs max(n over ranks,
+    at_least) forwards of an FSDP2 module. A collective for sharded models when world > 1;
+    0 for anything else (DDP and plain modules need no padding)."""
+    if not is_sharded(model):
+        return 0
+    if world()[1] == 1:
+        return max(at_least - n, 0)
+    t = torch.tensor([n], dtype=torch.long)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return max(int(t), at_least) - n
+
+
+def _dummy_logits_sum(model, like: torch.Tensor) -> torch.Tensor:
+    """A real forward of one token (id 0) through ``model``: it runs the same collectives
+    as any micro-batch. Callers multiply the result by 0."""
+    ids = torch.zeros(1, 1, dtype=torch.long, device=like.device)
+    return model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits.float().sum()
+
+
 def _no_sync(model, last: bool):
     if hasattr(model, "no_sync") and not last:
         return model.no_sync()
@@ -101,10 +143,14 @@ def _no_sync(model, last: bool):
 def batch_logprobs(model, batch: RolloutBatch, temperature: float, budget_tokens: int) -> torch.Tensor:
     """[B, L-1] log-probs of every next token, micro-batched, no grad."""
     out = torch.zeros_like(batch.mask)
-    for rows in _micro_batches(batch, budget_tokens):
+    mbs = _micro_batches(batch, budget_tokens)
+    pad = _pad_count(model, len(mbs))  # FSDP2: match the other ranks' forwards
+    for rows in mbs:
         sub = batch.take(rows)
         lp = token_logprobs(model, sub.input_ids, sub.attention_mask, temperature)
         out[rows, : lp.shape[1]] = lp
+    for _ in range(pad):
+        _dummy_logits_sum(model, batch.input_ids)
     return out
 
 
@@ -117,6 +163,9 @@ def _train_minibatch(model, opt, sub: RolloutBatch, loss_fn, normalizer, grad_cl
     (loss sum, grad norm, per-row outputs of loss_fn's second value)."""
     opt.zero_grad(set_to_none=True)
     mbs = _micro_batches(sub, budget)
+    # FSDP2: every rank runs the same number of forward/backward pairs (at least one, so
+    # gradients exist like DDP's zero-gradient backward below); pads contribute exactly 0
+    pad = _pad_count(model, len(mbs), at_least=1)
     total = 0.0
     extras = []
     for i, rows in enumerate(mbs):
@@ -126,9 +175,13 @@ def _train_minibatch(model, opt, sub: RolloutBatch, loss_fn, normalizer, grad_cl
             (loss * W).backward()
         total += float(loss.detach())
         extras.append((rows, extra))
-    if not mbs:  # an empty share still joins DDP's all-reduce
+    for _ in range(pad):
+        (_dummy_logits_sum(model, sub.input_ids) * 0.0 * W).backward()
+    if not mbs and not is_sharded(model):  # an empty share still joins DDP's all-reduce
         (sum(p.sum() * 0 for p in model.parameters()) * W).backward()
     gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    if isinstance(gnorm, DTensor):  # FSDP2: the global norm, replicated on every rank
+        gnorm = gnorm.full_tensor()
     opt.step()
     return total, float(gnorm), extras
 
@@ -288,4 +341,4 @@ def prime_step(models: Models, batch: RolloutBatch, cfg: PrimeRunConfig, policy_
     return m
 
 
-__all__ = ["Models", "prime_step", "shard_groups", "batch_logprobs", "concat"]
+__all__ = ["Models", "prime_step", "shard_groups", "batch_logprobs", "concat", "is_sharded"]

@@ -3,8 +3,25 @@
 Contract
 --------
 - Started on every rank by ``torchrun launch/learner.py`` (or called in-process with world
-  size 1). Process group: NCCL on GPUs, gloo on CPU. The policy and the PRM are replicated
-  with DDP (world > 1); the reference model is frozen and replicated.
+  size 1). Process group: NCCL on GPUs, gloo on CPU.
+- ``model.parallel`` picks how the models are spread (``build_models``):
+  ``ddp``: the policy and the PRM are replicated with DDP (world > 1; plain modules at
+  world 1); the reference model is frozen and replicated.
+  ``fsdp2``: the policy, the PRM and the frozen reference are sharded with FSDP2
+  (``apply_fsdp2``: ``fully_shard`` on every decoder layer, then on the root) over a 1-D
+  mesh of all ranks, at any world size >= 1 with a process group; without one (in-process,
+  world 1) the models stay plain, as with ``ddp``. Optimisers are built after sharding.
+- Whole weights are needed by ``publish`` (to the actors), the checkpoints and
+  ``save_final``. With FSDP2 they are gathered with torch.distributed.checkpoint's
+  ``get_model_state_dict`` / ``get_optimizer_state_dict`` (full_state_dict, cpu_offload:
+  only rank 0 receives them), which are collectives: ``publish``, ``save``, ``restore`` and
+  ``save_final`` must be called on every rank (``train_step`` and ``run_learner`` do). With
+  DDP they read rank 0's replica and the other ranks return at once.
+- Checkpoints hold full (unsharded) weights under the models' own state-dict keys in both
+  modes. Optimiser state is stored as the mode produces it: ``optimizer.state_dict()``
+  (integer parameter ids) with DDP/plain, fully-qualified parameter names with FSDP2;
+  ``restore`` converts between the two by parameter order, so a checkpoint resumes in
+  either mode and at any world size.
 - Rank 0 owns the transport (``LearnerServer``: trajectories in, credits/versions/admission
   out), the ``Ingest`` (staleness backstop, accuracy filter, surplus buffer), the weight
   sender, the metrics sinks and the checkpoints. Each step it broadcasts the chosen groups
@@ -13,7 +30,8 @@ Contract
 - ``policy_version`` counts published weight updates (0 = the starting weights, published
   before any data is accepted); ``step`` counts PRIME steps. After a resume both are
   restored and the weights are re-published before new data is accepted.
-Not covered: the PRIME math (``learner.prime``), the step internals (``learner.step``).
+Not covered: the PRIME math (``learner.prime``), the step internals (``learner.step``),
+sharded (per-rank) checkpoint files, mixed-precision policies, CPU offload of parameters.
 """
 
 from __future__ import annotations
@@ -32,7 +50,7 @@ from common.config import PrimeRunConfig, save_resolved
 from learner.checkpoint import (bytes_to_tensor, list_checkpoints, load_checkpoint, rng_state, save_checkpoint,
                                 set_rng_state, tensor_to_bytes)
 from learner.rollout import build_batch
-from learner.step import Models, prime_step, shard_groups, world
+from learner.step import Models, is_sharded, prime_step, shard_groups, world
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +68,24 @@ def _init_dist() -> torch.device:
 
 def _dtype(name: str) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def apply_fsdp2(model: torch.nn.Module, mesh) -> torch.nn.Module:
+    """Shard ``model`` in place with FSDP2: each decoder layer (the classes transformers
+    lists in ``_no_split_modules``, else ``model.model.layers``) is its own unit, the root
+    unit holds the rest (embeddings, final norm, LM head). Returns the same object."""
+    from torch.distributed.fsdp import fully_shard
+
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    layers = [mod for mod in model.modules() if type(mod).__name__ in names]
+    if not layers:
+        layers = list(getattr(getattr(model, "model", None), "layers", None) or [])
+    if not layers:
+        log.warning("FSDP2: no decoder layers found in %s; sharding the root only", type(model).__name__)
+    for layer in layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
 
 
 def build_models(cfg: PrimeRunConfig, device: torch.device) -> Models:
@@ -72,7 +108,14 @@ def build_models(cfg: PrimeRunConfig, device: torch.device) -> Models:
         return torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
 
     _, W = world()
-    if W > 1:
+    if mc.parallel == "fsdp2" and dist.is_available() and dist.is_initialized():
+        from torch.distributed.device_mesh import init_device_mesh
+
+        mesh = init_device_mesh(device.type, (W,))
+        policy, prm, ref = (apply_fsdp2(m, mesh) if m is not None else None for m in (policy, prm, ref))
+    elif mc.parallel == "fsdp2":
+        log.info("model.parallel=fsdp2 without a process group: plain models (world 1)")
+    elif W > 1:
         policy = torch.nn.parallel.DistributedDataParallel(policy)
         prm = torch.nn.parallel.DistributedDataParallel(prm) if prm is not None else None
     return Models(policy, prm, ref, adamw(policy.parameters(), cfg.optim.policy),
@@ -80,7 +123,84 @@ def build_models(cfg: PrimeRunConfig, device: torch.device) -> Models:
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The module under a DDP wrapper; an FSDP2 module is its own (sharded) module."""
     return model.module if hasattr(model, "module") else model
+
+
+def _full_options():
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def full_state_dict(model: torch.nn.Module) -> dict:
+    """Whole weights under the plain module's keys. FSDP2: a collective (call on every
+    rank); rank 0 gets CPU tensors, the others an empty dict. Otherwise the replica's
+    own state dict (tensors where they live)."""
+    if is_sharded(model):
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        return get_model_state_dict(model, options=_full_options())
+    return unwrap(model).state_dict()
+
+
+def _opt_names(model: torch.nn.Module, opt: torch.optim.Optimizer) -> list[list[str]]:
+    """Per param group, the fully-qualified names of the optimiser's parameters in order
+    (the keys torch.distributed.checkpoint uses; tied weights under their first name)."""
+    names = {id(p): n for n, p in unwrap(model).named_parameters()}
+    return [[names[id(p)] for p in g["params"]] for g in opt.param_groups]
+
+
+def _opt_ids_to_names(sd: dict, names: list[list[str]]) -> dict:
+    """optimizer.state_dict() (integer ids) -> name-keyed, by position in the groups."""
+    state, groups = {}, []
+    for g, gnames in zip(sd["param_groups"], names):
+        for pid, name in zip(g["params"], gnames):
+            if pid in sd["state"]:
+                state[name] = sd["state"][pid]
+        groups.append({**g, "params": list(gnames)})
+    return {"state": state, "param_groups": groups}
+
+
+def _opt_names_to_ids(sd: dict) -> dict:
+    """Name-keyed optimiser state -> the integer ids optimizer.load_state_dict expects
+    (ids numbered through the groups in order, as optimizer.state_dict() does)."""
+    state, groups, i = {}, [], 0
+    for g in sd["param_groups"]:
+        ids = []
+        for name in g["params"]:
+            if name in sd["state"]:
+                state[i] = sd["state"][name]
+            ids.append(i)
+            i += 1
+        groups.append({**g, "params": ids})
+    return {"state": state, "param_groups": groups}
+
+
+def _save_model_opt(model, opt) -> tuple[dict, dict]:
+    """Whole weights and optimiser state (FSDP2: collective; rank 0 gets them)."""
+    if is_sharded(model):
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        return full_state_dict(model), get_optimizer_state_dict(model, opt, options=_full_options())
+    return unwrap(model).state_dict(), opt.state_dict()
+
+
+def _load_model_opt(model, opt, weights: dict, opt_state: dict) -> None:
+    """Inverse of ``_save_model_opt`` on every rank, accepting either optimiser format."""
+    ids_format = any(isinstance(p, int) for g in opt_state["param_groups"] for p in g["params"])
+    if is_sharded(model):
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                             set_optimizer_state_dict)
+
+        full = StateDictOptions(full_state_dict=True)
+        set_model_state_dict(model, weights, options=full)
+        if ids_format:
+            opt_state = _opt_ids_to_names(opt_state, _opt_names(model, opt))
+        set_optimizer_state_dict(model, opt, opt_state, options=full)
+    else:
+        unwrap(model).load_state_dict(weights)
+        opt.load_state_dict(opt_state if ids_format else _opt_names_to_ids(opt_state))
 
 
 def _broadcast_groups(groups: list | None) -> list:
@@ -123,6 +243,7 @@ class Learner:
         if cfg.run.deterministic:
             torch.use_deterministic_algorithms(True)
         self.models = build_models(cfg, self.device)
+        self.sharded = is_sharded(self.models.policy)  # FSDP2: weight gathers are collectives
         self.step = 0
         self.policy_version = 0
         self.run_dir = Path(cfg.run.output_dir)
@@ -140,14 +261,16 @@ class Learner:
     # ------------------------------------------------------------- checkpoints
 
     def state(self) -> dict:
+        """The checkpoint's contents. FSDP2: a collective; complete on rank 0 only."""
         m = self.models
+        policy, policy_opt = _save_model_opt(m.policy, m.policy_opt)
         s = {
             "step": self.step, "policy_version": self.policy_version,
-            "policy": unwrap(m.policy).state_dict(), "policy_opt": m.policy_opt.state_dict(),
+            "policy": policy, "policy_opt": policy_opt,
             "rng": rng_state(),
         }
         if m.prm is not None:
-            s["prm"], s["prm_opt"] = unwrap(m.prm).state_dict(), m.prm_opt.state_dict()
+            s["prm"], s["prm_opt"] = _save_model_opt(m.prm, m.prm_opt)
         if self.ingest is not None:
             s["ingest_counts"] = dict(self.ingest.counts)
             s["buffer"] = [bytes_to_tensor(schema.encode(schema.make_envelope(g, "learner", "buffer", i), validate=False))
@@ -155,9 +278,13 @@ class Learner:
         return s
 
     def save(self) -> Path | None:
+        """Call on every rank; rank 0 writes. FSDP2 gathers the state on all ranks first."""
+        if self.rank != 0 and not self.sharded:
+            return None
+        state = self.state()
         if self.rank != 0:
             return None
-        return save_checkpoint(self.run_dir / "checkpoints", self.step, self.state(), self.cfg.checkpoint.keep_last)
+        return save_checkpoint(self.run_dir / "checkpoints", self.step, state, self.cfg.checkpoint.keep_last)
 
     def restore(self, path: str | Path | None = None) -> bool:
         ckpt_dir = Path(path) if path else self.run_dir / "checkpoints"
@@ -165,11 +292,9 @@ class Learner:
             return False
         s = load_checkpoint(ckpt_dir)
         m = self.models
-        unwrap(m.policy).load_state_dict(s["policy"])
-        m.policy_opt.load_state_dict(s["policy_opt"])
+        _load_model_opt(m.policy, m.policy_opt, s["policy"], s["policy_opt"])
         if m.prm is not None:
-            unwrap(m.prm).load_state_dict(s["prm"])
-            m.prm_opt.load_state_dict(s["prm_opt"])
+            _load_model_opt(m.prm, m.prm_opt, s["prm"], s["prm_opt"])
         self.step, self.policy_version = int(s["step"]), int(s["policy_version"])
         set_rng_state(s["rng"])
         if self.ingest is not None:
@@ -181,12 +306,16 @@ class Learner:
     # ------------------------------------------------------------------ weights
 
     def publish(self) -> dict[str, float]:
-        """Rank 0: send the policy weights with the current version, then announce it."""
+        """Rank 0: send the policy weights with the current version, then announce it.
+        Call on every rank: with FSDP2 all ranks first gather the whole weights."""
+        t0 = time.perf_counter()
+        full = full_state_dict(self.models.policy) if self.sharded else None
         if self.rank != 0:
             return {}
-        t0 = time.perf_counter()
         if self.sender is not None:
-            state = {k: v.detach().to("cpu") for k, v in unwrap(self.models.policy).state_dict().items()}
+            if full is None:
+                full = unwrap(self.models.policy).state_dict()
+            state = {k: v.detach().to("cpu") for k, v in full.items()}
             self.sender.send(state, self.policy_version)
         if self.server is not None:
             backend = self.cfg.async_.weight_sync
@@ -226,10 +355,15 @@ class Learner:
         return m
 
     def save_final(self) -> Path | None:
-        if self.rank != 0 or not self.cfg.checkpoint.save_hf:
+        """The policy in transformers format under <run_dir>/final. Call on every rank
+        (FSDP2 gathers the whole weights; rank 0 writes)."""
+        if not self.cfg.checkpoint.save_hf:
+            return None
+        full = full_state_dict(self.models.policy) if self.sharded else None
+        if self.rank != 0:
             return None
         out = self.run_dir / "final"
-        unwrap(self.models.policy).save_pretrained(out)
+        unwrap(self.models.policy).save_pretrained(out, state_dict=full)
         return out
 
 

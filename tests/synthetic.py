@@ -16,10 +16,11 @@ def tiny_qwen2(seed=0, vocab=64, hidden=32, layers=2, tie=True):
     return Qwen2ForCausalLM(cfg).float()
 
 
-def make_groups(n_groups, k=4, vocab=64, seed=0, version=0, logp_noise=0.0):
+def make_groups(n_groups, k=4, vocab=64, seed=0, version=0, logp_noise=0.0, resp_len=(2, 10)):
     """Groups with random prompts/responses; each group has mixed outcomes (1 to k-1
     correct) so it survives the accuracy filter. Behaviour log-probs are random negative
-    numbers (the learner recomputes π_old when the correction is on)."""
+    numbers (the learner recomputes π_old when the correction is on). Response lengths are
+    drawn from ``resp_len`` (inclusive bounds)."""
     rng = np.random.default_rng(seed)
     groups = []
     for g in range(n_groups):
@@ -29,7 +30,7 @@ def make_groups(n_groups, k=4, vocab=64, seed=0, version=0, logp_noise=0.0):
         rng.shuffle(outcomes)
         responses = []
         for i in range(k):
-            T = int(rng.integers(2, 11))
+            T = int(rng.integers(resp_len[0], resp_len[1] + 1))
             toks = rng.integers(3, vocab, size=T)
             lp = -rng.uniform(0.5, 5.0, size=T) + logp_noise * rng.standard_normal(T)
             responses.append(Response(

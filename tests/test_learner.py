@@ -1,6 +1,7 @@
-"""learner/trainer.py: resume gives the same weights as an uninterrupted run, and a 2-rank
-gloo learner (real processes) fed by a test actor over the real ZeroMQ transport trains,
-publishes versions and writes its run directory."""
+"""learner/trainer.py: resume gives the same weights as an uninterrupted run (in-process,
+and with FSDP2 on 2 gloo ranks, where checkpoints also cross between FSDP2 and plain/DDP),
+and a 2-rank gloo learner (real processes, DDP or FSDP2) fed by a test actor over the real
+ZeroMQ transport trains, publishes versions and writes its run directory."""
 
 import os
 import socket
@@ -78,7 +79,8 @@ def _learner_rank(rank, world, port, overrides):
     run_learner(load_config(ROOT / "configs" / "tiny.yaml", overrides))
 
 
-def test_two_rank_learner_over_real_transport(tmp_path):
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp2"])
+def test_two_rank_learner_over_real_transport(tmp_path, parallel):
     from common.transport import ActorClient, ShutdownRequested
 
     traj, ctrl = f"tcp://127.0.0.1:{_port()}", f"tcp://127.0.0.1:{_port()}"
@@ -89,7 +91,7 @@ def test_two_rank_learner_over_real_transport(tmp_path):
         ("transport.trajectory_addr", traj), ("transport.control_addr", ctrl), ("run.steps", 3),
         ("batch.prompts_per_step", 4), ("batch.policy_mini_batch", 8), ("batch.prm_mini_batch", 16),
         ("batch.micro_batch_tokens", 64), ("optim.policy.lr", 1e-3), ("logging.console", "false"),
-        ("checkpoint.every", 0), ("async.max_staleness", 1)]]
+        ("checkpoint.every", 0), ("async.max_staleness", 1), ("model.parallel", parallel)]]
     ctx = tmp.get_context("spawn")
     port = _port()
     procs = [ctx.Process(target=_learner_rank, args=(r, 2, port, overrides)) for r in range(2)]
@@ -134,3 +136,78 @@ def test_two_rank_learner_over_real_transport(tmp_path):
     start = AutoModelForCausalLM.from_pretrained(cfg.model.policy_path)
     diff = sum(float((a - b).detach().abs().sum()) for a, b in zip(final.parameters(), start.parameters()))
     assert diff > 0
+
+
+def _full_params(learner):
+    """The policy's whole parameters (FSDP2 shards gathered: call on every rank)."""
+    from torch.distributed.tensor import DTensor
+
+    from learner.trainer import unwrap
+
+    return torch.cat([(p.full_tensor() if isinstance(p, DTensor) else p).detach().flatten()
+                      for p in unwrap(learner.models.policy).parameters()])
+
+
+def _fsdp_resume_rank(rank, world, port, tmp_path, extra):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    from learner.trainer import Learner
+
+    tmp_path = Path(tmp_path)
+    data = [make_groups(4, seed=10 + i) for i in range(4)]
+    fsdp = [*extra, "model.parallel=fsdp2"]
+    a = Learner(_cfg(tmp_path, f"run.output_dir={tmp_path / 'a'}", *fsdp))
+    assert a.sharded
+    for groups in data:
+        a.train_step(groups)
+    pa = _full_params(a)
+    b = Learner(_cfg(tmp_path, f"run.output_dir={tmp_path / 'b'}", *fsdp))
+    for groups in data[:2]:
+        b.train_step(groups)  # checkpoint.every=2 -> saved after step 2 (gathered, rank 0 writes)
+    del b
+    c = Learner(_cfg(tmp_path, f"run.output_dir={tmp_path / 'b'}", "checkpoint.save_hf=true", *fsdp))
+    assert c.restore() and c.step == 2 and c.policy_version == 2
+    for groups in data[2:]:
+        c.train_step(groups)
+    pc = _full_params(c)
+    final = c.save_final()  # collective; rank 0 writes
+    # a plain (1-rank) checkpoint written by the test process, resumed under FSDP2
+    e = Learner(_cfg(tmp_path, f"run.output_dir={tmp_path / 'e'}", *fsdp))
+    assert e.restore(tmp_path / "d" / "checkpoints") and e.step == 2
+    for groups in data[2:]:
+        e.train_step(groups)
+    pe = _full_params(e)
+    if rank == 0:
+        torch.save({"a": pa, "c": pc, "e": pe, "final": str(final)}, tmp_path / "fsdp_resume.pt")
+    torch.distributed.destroy_process_group()
+
+
+def test_fsdp2_resume_matches_uninterrupted(tmp_path):
+    """FSDP2 on 2 ranks: resume after step 2 of 4 = the uninterrupted run, bit for bit; and
+    checkpoints cross modes: plain -> FSDP2 and FSDP2 -> plain resumes match it to float
+    noise (world 1 vs 2). Adam eps=1 keeps that noise linear (see test_learner_step)."""
+    from learner.trainer import Learner
+
+    torch.set_num_threads(1)
+    extra = ["optim.policy.eps=1.0", "optim.prm.eps=1.0"]
+    data = [make_groups(4, seed=10 + i) for i in range(4)]
+    d = Learner(_cfg(tmp_path, f"run.output_dir={tmp_path / 'd'}", *extra))
+    for groups in data[:2]:
+        d.train_step(groups)  # plain checkpoint at step 2
+    del d
+    tmp.start_processes(_fsdp_resume_rank, args=(2, _port(), str(tmp_path), extra), nprocs=2, start_method="spawn")
+    r = torch.load(tmp_path / "fsdp_resume.pt")
+    assert torch.equal(r["a"], r["c"])  # FSDP2 resume = uninterrupted FSDP2 run
+    torch.testing.assert_close(r["e"], r["a"], atol=1e-5, rtol=1e-4)  # plain ckpt -> FSDP2
+    f = Learner(_cfg(tmp_path, f"run.output_dir={tmp_path / 'f'}", *extra))
+    assert f.restore(tmp_path / "b" / "checkpoints" / "step_00000002") and f.step == 2  # FSDP2 ckpt -> plain
+    for groups in data[2:]:
+        f.train_step(groups)
+    torch.testing.assert_close(_params(f), r["a"], atol=1e-5, rtol=1e-4)
+    assert not torch.equal(_params(Learner(_cfg(tmp_path, f"run.output_dir={tmp_path / 'g'}"))), r["a"])
+    from transformers import AutoModelForCausalLM
+
+    saved = AutoModelForCausalLM.from_pretrained(r["final"])  # save_final under FSDP2
+    assert saved.config.architectures == ["Qwen2ForCausalLM"]
+    torch.testing.assert_close(torch.cat([p.detach().flatten() for p in saved.parameters()]), r["c"], atol=0, rtol=0)

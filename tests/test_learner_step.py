@@ -1,5 +1,7 @@
 """learner/step.py: one PRIME step changes the weights sensibly, every PRM mode runs, and
-a 2-rank gloo run (real processes) gives the same update as a 1-rank run."""
+a 2-rank gloo run (real processes) gives the same update as a 1-rank run, with DDP and
+with FSDP2 (also when the ranks pack different numbers of micro-batches, and FSDP2 on a
+1-rank process group)."""
 
 import copy
 import os
@@ -29,10 +31,14 @@ BASE = [
 ]
 
 
-def make_models(cfg, seed=0):
+def make_models(cfg, seed=0, wrap=None):
+    """Policy, PRM and reference from one tiny model; ``wrap`` (e.g. FSDP2 sharding) is
+    applied to each before the optimisers are built over its parameters."""
     policy = tiny_qwen2(seed)
     prm = copy.deepcopy(policy)
     ref = copy.deepcopy(policy).requires_grad_(False)
+    if wrap is not None:
+        policy, prm, ref = wrap(policy), wrap(prm), wrap(ref)
     o = cfg.optim
     popt = torch.optim.AdamW(policy.parameters(), lr=o.policy.lr, eps=o.policy.eps, weight_decay=o.policy.weight_decay)
     qopt = torch.optim.AdamW(prm.parameters(), lr=o.prm.lr, eps=o.prm.eps, weight_decay=o.prm.weight_decay)
@@ -40,8 +46,11 @@ def make_models(cfg, seed=0):
 
 
 def params(model):
+    """All parameters, flattened; FSDP2 shards are gathered (a collective then)."""
+    from torch.distributed.tensor import DTensor
+
     m = model.module if hasattr(model, "module") else model
-    return torch.cat([p.detach().flatten() for p in m.parameters()])
+    return torch.cat([(p.full_tensor() if isinstance(p, DTensor) else p).detach().flatten() for p in m.parameters()])
 
 
 @pytest.mark.parametrize("prm_update", ["after", "before", "none"])
@@ -89,18 +98,35 @@ def _free_port():
     return port
 
 
-def _rank_main(rank, world, port, overrides, out_dir):
+def _groups(kind):
+    if kind == "uneven":  # rank 0 (groups 0, 2) gets long rows, rank 1 (groups 1, 3) short ones
+        long, short = make_groups(2, seed=5, resp_len=(12, 20)), make_groups(2, seed=6, resp_len=(2, 2))
+        return [long[0], short[0], long[1], short[1]]
+    return make_groups(4, seed=3)
+
+
+def _rank_main(rank, world, port, overrides, out_dir, parallel="ddp", kind="even"):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.set_num_threads(1)
     cfg = load_config(ROOT / "configs" / "tiny.yaml", overrides)
-    models = make_models(cfg)
-    models.policy = torch.nn.parallel.DistributedDataParallel(models.policy)
-    models.prm = torch.nn.parallel.DistributedDataParallel(models.prm)
-    batch = build_batch(make_groups(4, seed=3))
+    if parallel == "fsdp2":
+        torch.use_deterministic_algorithms(True)
+        from torch.distributed.device_mesh import init_device_mesh
+
+        from learner.trainer import apply_fsdp2
+
+        mesh = init_device_mesh("cpu", (world,))
+        models = make_models(cfg, wrap=lambda m: apply_fsdp2(m, mesh))
+    else:
+        models = make_models(cfg)
+        models.policy = torch.nn.parallel.DistributedDataParallel(models.policy)
+        models.prm = torch.nn.parallel.DistributedDataParallel(models.prm)
+    batch = build_batch(_groups(kind))
     mine = batch.groups(shard_groups(batch.num_groups, rank, world))
     m = prime_step(models, mine, cfg, policy_version=0)
-    torch.save({"policy": params(models.policy), "prm": params(models.prm), "metrics": m}, f"{out_dir}/rank{rank}.pt")
+    out = {"policy": params(models.policy), "prm": params(models.prm), "metrics": m}
+    torch.save(out, f"{out_dir}/rank{rank}.pt")
     dist.destroy_process_group()
 
 
@@ -122,3 +148,38 @@ def test_one_rank_and_two_ranks_agree(tmp_path, prm_update):
     torch.testing.assert_close(r0["prm"], q1, atol=1e-5, rtol=1e-4)
     for k in ("loss/prm_ce", "reward/outcome_mean", "reward/advantage_std", "system/tokens", "prm/accuracy"):
         assert r0["metrics"][k] == pytest.approx(m1[k], abs=1e-4), k
+
+
+# FSDP2 vs the 1-rank (plain, = DDP at world 1) step. "uneven": rank 0 packs more
+# micro-batches than rank 1 in every forward pass and every mini-batch, so rank 1 pads with
+# zero-loss dummy micro-batches. A tight policy grad_clip makes clipping (on DTensor
+# gradients) part of the comparison.
+@pytest.mark.parametrize("world,kind,prm_update", [(2, "even", "after"), (2, "uneven", "before"), (1, "uneven", "after")])
+def test_fsdp2_matches_one_rank(tmp_path, world, kind, prm_update):
+    from learner.step import _micro_batches
+
+    overrides = BASE + [f"prime.prm_update={prm_update}", "optim.policy.grad_clip=0.05"]
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", overrides)
+    torch.set_num_threads(1)
+    batch = build_batch(_groups(kind))
+    if kind == "uneven":
+        shares = [batch.groups(shard_groups(batch.num_groups, r, 2)) for r in range(2)]
+        counts = [len(_micro_batches(sh, cfg.batch.micro_batch_tokens)) for sh in shares]
+        assert counts[0] > counts[1], counts  # the padding path is exercised
+    models = make_models(cfg)
+    m1 = prime_step(models, batch, cfg, policy_version=0)
+    p1, q1 = params(models.policy), params(models.prm)
+    assert m1["loss/grad_norm"] > 0.05  # clipping was active
+
+    tmp.start_processes(_rank_main, args=(world, _free_port(), overrides, str(tmp_path), "fsdp2", kind),
+                        nprocs=world, start_method="spawn")
+    rs = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+    for r in rs[1:]:
+        assert torch.equal(rs[0]["policy"], r["policy"]) and torch.equal(rs[0]["prm"], r["prm"])
+    p0 = params(make_models(cfg).policy)
+    assert (p1 - p0).abs().max() > 1e-5  # the step did something measurable
+    torch.testing.assert_close(rs[0]["policy"], p1, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(rs[0]["prm"], q1, atol=1e-5, rtol=1e-4)
+    for k in ("loss/prm_ce", "loss/policy", "loss/grad_norm", "reward/outcome_mean", "reward/advantage_std",
+              "system/tokens", "prm/accuracy"):
+        assert rs[0]["metrics"][k] == pytest.approx(m1[k], abs=1e-4, rel=1e-4), k

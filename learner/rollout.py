@@ -46,6 +46,11 @@ class RolloutBatch:
     def seq_lengths(self) -> torch.Tensor:
         return self.attention_mask.sum(-1).long()
 
+    def to(self, device: torch.device | str) -> "RolloutBatch":
+        """The same batch with every tensor on ``device``."""
+        t = {f.name: getattr(self, f.name).to(device) for f in fields(self) if f.name != "group_size"}
+        return RolloutBatch(**t, group_size=self.group_size)
+
     def take(self, rows: torch.Tensor | list[int]) -> "RolloutBatch":
         """Rows by index, trimmed to the longest kept sequence."""
         rows = torch.as_tensor(rows, dtype=torch.long)

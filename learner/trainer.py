@@ -57,7 +57,8 @@ log = logging.getLogger(__name__)
 
 def _init_dist() -> torch.device:
     if "RANK" in os.environ and not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        # GPUs: NCCL for CUDA tensors, gloo for the CPU-side bookkeeping collectives
+        backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
         dist.init_process_group(backend)
     if torch.cuda.is_available():
         dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
@@ -231,6 +232,31 @@ def _broadcast_groups(groups: list | None) -> list:
     return out
 
 
+# actor metrics summed over actors (rates, counters); every other actor/ metric is averaged
+_ACTOR_SUMS = ("actor/tokens_per_s", "actor/groups_sent", "actor/groups_dropped_verifier", "actor/groups_dropped_stop",
+               "actor/prompts_skipped", "actor/weight_updates", "actor/tokens")
+
+
+def actor_metrics(info: dict[str, dict]) -> dict[str, float]:
+    """``actor/*`` metrics of the live actors (``LearnerServer.actor_info()``): totals for
+    rates and counters, means otherwise, plus ``actor/version_lag_max``. The evaluator
+    client (no groups, no actor metrics) contributes nothing."""
+    rows = [r["metrics"] for r in info.values() if r.get("alive") and r.get("metrics")]
+    rows = [r for r in rows if any(k.startswith("actor/") for k in r)]
+    out: dict[str, float] = {}
+    if not rows:
+        return out
+    keys = sorted({k for r in rows for k in r if k.startswith("actor/")})
+    for k in keys:
+        vals = [float(r[k]) for r in rows if k in r]
+        out[k] = sum(vals) if k in _ACTOR_SUMS else sum(vals) / len(vals)
+    lags = [float(r["actor/version_lag"]) for r in rows if "actor/version_lag" in r]
+    if lags:
+        out["actor/version_lag_max"] = max(lags)
+    out["actor/count"] = float(len(rows))
+    return out
+
+
 class Learner:
     """Owns the run: models, optimisers, counters and (rank 0) the I/O side."""
 
@@ -332,7 +358,7 @@ class Learner:
         if self.rank == 0 and groups is None:
             groups, wait = self.ingest.next_batch(cfg.batch.prompts_per_step, self.policy_version)
         groups = _broadcast_groups(groups)
-        batch = build_batch(groups)
+        batch = build_batch(groups).to(self.device)
         mine = batch.groups(shard_groups(batch.num_groups, self.rank, self.world))
         t1 = time.perf_counter()
         m = prime_step(self.models, mine, cfg, self.policy_version)
@@ -347,6 +373,7 @@ class Learner:
             m.update(self.ingest.metrics())
         if self.server is not None:
             m.update(self.server.metrics())
+            m.update(actor_metrics(self.server.actor_info()))
         if self.rank == 0 and self.logger is not None:
             self.logger.log(self.step, m, self.policy_version)
         every = cfg.checkpoint.every

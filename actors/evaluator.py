@@ -139,7 +139,6 @@ class Evaluator:
         while not (final / "config.json").is_file() and time.monotonic() < deadline:
             time.sleep(poll_s)
         if (final / "config.json").is_file():
-            time.sleep(1.0)  # save_pretrained writes config first; let the weights land
             upd = self.client.latest_update
             version = max(self.engine.policy_version, upd.policy_version if upd is not None else 0)
             self.engine.load_weights(str(final), version)

@@ -5,9 +5,9 @@ Who calls it: ``launch/run.py`` (parses the command line, then ``run_local(cfg, 
 Contract
 --------
 1. Inputs: with ``task.kind == "arithmetic"`` the embedded task is prepared first
-   (``actors.tasks.prepare_run``: the cached supervised warm-up, the training and held-out
-   prompt files), which fills ``model.policy_path``, ``actors.prompts_path`` and
-   ``eval.heldout_path``. The resolved config is saved to ``<run_dir>/config.yaml``; every
+   (``prepare_task``: the cached supervised warm-up copied to ``<run_dir>/sft``, the training
+   and held-out prompt files), which sets ``model.policy_path`` and, where unset,
+   ``actors.prompts_path`` and ``eval.heldout_path``. The resolved config is saved to ``<run_dir>/config.yaml``; every
    process reads that file, so they agree.
 2. Processes, each in its own session (process group) with its log in ``<run_dir>/logs/``:
    the learner under ``torchrun --standalone --nproc-per-node N launch/learner.py``, the
@@ -148,7 +148,8 @@ def plot(run_dir: Path) -> Path | None:
 
 
 def _view(run_dir: Path, sup, t0: float, steps: int):
-    from rich.table import Table
+    """One line per refresh: step, version, reward, held-out accuracy, tokens/s, lag, actors."""
+    from rich.text import Text
 
     m = _read_jsonl(run_dir / "metrics.jsonl")
     e = _read_jsonl(run_dir / "eval.jsonl")
@@ -158,17 +159,35 @@ def _view(run_dir: Path, sup, t0: float, steps: int):
         v = last.get(key)
         return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else fmt.format(v)
 
-    t = Table(show_header=True, header_style="bold", title=f"PRIME  {run_dir}  ({time.time() - t0:.0f} s)")
-    for col in ("step", "version", "reward", "held-out acc", "greedy", "tok/s", "lag (mean/max)", "actors",
-                "restarts"):
-        t.add_column(col)
-    acc = f"{e[-1]['accuracy']:.3f} (v{e[-1]['policy_version']})" if e else "-"
-    greedy = f"{e[-1]['greedy_accuracy']:.3f}" if e and "greedy_accuracy" in e[-1] else "-"
-    t.add_row(f"{last.get('step', 0)}/{steps}", str(last.get("policy_version", 0)), f("reward/outcome_mean"),
-              acc, greedy, f("system/tokens_per_s", "{:.0f}"),
-              f"{f('system/version_lag_mean', '{:.2f}')}/{f('system/version_lag_max', '{:.0f}')}",
-              f("system/transport/alive_actors", "{:.0f}"), str(sup.restarts() if sup else 0))
-    return t
+    acc = "-"
+    if e:
+        acc = f"{e[-1]['accuracy']:.3f}"
+        if "greedy_accuracy" in e[-1]:
+            acc += f" (greedy {e[-1]['greedy_accuracy']:.3f})"
+        acc += f" @v{e[-1]['policy_version']}"
+    restarts = sup.restarts() if sup else 0
+    return Text(
+        f"[{time.time() - t0:5.0f} s] step {last.get('step', 0)}/{steps} | v{last.get('policy_version', 0)} | "
+        f"reward {f('reward/outcome_mean')} | held-out {acc} | actor tok/s {f('actor/tokens_per_s', '{:.0f}')} | "
+        f"lag {f('system/version_lag_mean', '{:.2f}')} (max {f('system/version_lag_max', '{:.0f}')}) | "
+        f"actors {f('actor/count', '{:.0f}')}{f' ({restarts} restarts)' if restarts else ''}"
+    )
+
+
+def prepare_task(cfg, log_fn=None):
+    """Warm up (or fetch from the cache) the embedded task's starting policy into
+    ``<run_dir>/sft`` and point the config at it and at the task's prompt files (fields the
+    config already sets are kept). Returns ``(cfg, warm-up result)``."""
+    from actors.tasks.warmup import warmup
+
+    res = warmup(Path(cfg.run.output_dir) / "sft", cfg.task, cfg.warmup, log_fn=log_fn)
+    files = res["prompt_files"]
+    upd = {
+        "model": cfg.model.model_copy(update={"policy_path": res["model_dir"], "tokenizer_path": None}),
+        "actors": cfg.actors.model_copy(update={"prompts_path": cfg.actors.prompts_path or files["train"]}),
+        "eval": cfg.eval.model_copy(update={"heldout_path": cfg.eval.heldout_path or files["heldout"]}),
+    }
+    return cfg.model_copy(update=upd), res
 
 
 def run_local(cfg, *, nproc_per_node: int = 1, live: bool = True) -> dict:
@@ -185,12 +204,14 @@ def run_local(cfg, *, nproc_per_node: int = 1, live: bool = True) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     logs = run_dir / "logs"
     logs.mkdir(exist_ok=True)
-    task = getattr(cfg, "task", None)
-    if task is not None and task.kind == "arithmetic":
-        from actors.tasks import prepare_run
+    warm = None
+    if cfg.task.kind == "arithmetic":
+        console.print("[bold]The embedded arithmetic task[/bold]: supervised warm-up (cached after the first run)")
+        cfg, warm = prepare_task(cfg, log_fn=console.print)
+        console.print(f"warm-up: {'cached' if warm.get('cached') else 'trained'}, policy {cfg.model.policy_path}")
+    import shutil
 
-        console.print("[bold]Preparing the embedded arithmetic task[/bold] (the warm-up is cached)")
-        cfg = prepare_run(cfg, console=console)
+    shutil.rmtree(run_dir / "final", ignore_errors=True)  # the learner writes it again at the end
     for name in ("eval.jsonl", "metrics.jsonl"):  # a fresh run directory's files (resume keeps them)
         if not cfg.checkpoint.resume and (run_dir / name).exists():
             (run_dir / name).unlink()
@@ -225,11 +246,18 @@ def run_local(cfg, *, nproc_per_node: int = 1, live: bool = True) -> dict:
                       f"{' and the evaluator' if 'evaluator' in procs else ''} started; logs in {logs}")
         with Live(_view(run_dir, sup, t0, cfg.run.steps), console=console, refresh_per_second=1,
                   transient=not live, auto_refresh=False) as view:
+            seen = 0
             while interrupted["sig"] is None:
                 rc = learner.poll()
                 if rc is not None:
                     break
                 sup.poll()
+                evals = _read_jsonl(run_dir / "eval.jsonl")
+                for ev in evals[seen:]:  # a permanent line per evaluation, above the live line
+                    console.print(f"eval v{ev['policy_version']}: held-out accuracy {ev['accuracy']:.3f}"
+                                  + (f", greedy {ev['greedy_accuracy']:.3f}" if "greedy_accuracy" in ev else "")
+                                  + f" ({ev['n']} samples, {ev['seconds']:.0f} s)")
+                seen = len(evals)
                 view.update(_view(run_dir, sup, t0, cfg.run.steps), refresh=True)
                 time.sleep(1.0)
             view.update(_view(run_dir, sup, t0, cfg.run.steps), refresh=True)
@@ -259,6 +287,9 @@ def run_local(cfg, *, nproc_per_node: int = 1, live: bool = True) -> dict:
     steps = metrics[-1]["step"] if metrics else 0
     summary = summarize(run_dir, cfg.eval.last_n, steps, elapsed)
     summary["actor_restarts"] = sup.restarts() if sup else 0
+    if warm is not None:
+        summary["warmup"] = {k: warm.get(k) for k in ("key", "cached", "model_dir") if k in warm}
+        summary["warmup"].update({k: v for k, v in warm.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
     summary["wall_s_with_setup"] = round(time.time() - t_start, 1)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     png = plot(run_dir)

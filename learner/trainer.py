@@ -39,6 +39,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -382,15 +383,27 @@ class Learner:
         return m
 
     def save_final(self) -> Path | None:
-        """The policy in transformers format under <run_dir>/final. Call on every rank
-        (FSDP2 gathers the whole weights; rank 0 writes)."""
+        """The policy in transformers format, with the tokenizer of ``model.tokenizer_path``
+        (or ``policy_path``), under <run_dir>/final, written to final.tmp then renamed. Call
+        on every rank (FSDP2 gathers the whole weights; rank 0 writes)."""
         if not self.cfg.checkpoint.save_hf:
             return None
         full = full_state_dict(self.models.policy) if self.sharded else None
         if self.rank != 0:
             return None
         out = self.run_dir / "final"
-        unwrap(self.models.policy).save_pretrained(out, state_dict=full)
+        tmp = self.run_dir / "final.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        unwrap(self.models.policy).save_pretrained(tmp, state_dict=full)
+        tok_dir = self.cfg.model.tokenizer_path or self.cfg.model.policy_path
+        try:  # a loadable model directory carries its tokenizer (vLLM and transformers read it)
+            from transformers import AutoTokenizer
+
+            AutoTokenizer.from_pretrained(tok_dir).save_pretrained(tmp)
+        except (OSError, ValueError) as e:
+            log.warning("final policy saved without a tokenizer (%s: %s)", tok_dir, e)
+        shutil.rmtree(out, ignore_errors=True)
+        tmp.rename(out)  # readers (the evaluator) see a complete directory or none
         return out
 
 

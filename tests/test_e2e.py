@@ -1,0 +1,123 @@
+"""End to end: ``launch/run.py`` with real processes (torchrun learner, supervised actor,
+evaluator) on the embedded arithmetic task, shrunk to run in about a minute: a small
+warm-up (cached in the test's tmp dir), a handful of RL steps.
+
+Checked: the run completes and prints the summary line; groups flowed (the learner
+received them and trained on them); versions advanced; the weights changed; the run
+directory is complete (resolved config, TensorBoard events, checkpoints, final policy with
+tokenizer, metrics and evaluation JSONL, plot, summary); an actor killed with SIGKILL mid-run
+is restarted and the run still completes; Ctrl-C (SIGINT) leaves no process of the run alive.
+"""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SMALL = ["generation.engine=hf", "generation.max_tokens=48", "task.sft_size=300", "task.train_size=256",
+         "task.dev_size=16", "task.heldout_size=16", "warmup.hidden_size=64", "warmup.heads=2",
+         "warmup.intermediate_size=128", "warmup.layers=2", "warmup.max_steps=10", "warmup.eval_every=10",
+         "batch.prompts_per_step=4", "batch.policy_mini_batch=16", "batch.prm_mini_batch=16",
+         "prime.filter_low=0.0", "prime.filter_high=1.0", "eval.every=2", "checkpoint.every=2",
+         "actors.restart_backoff_s=0.5", "logging.console=false"]
+
+
+def procs_mentioning(text: str) -> list[int]:
+    out = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit() or int(d.name) == os.getpid():
+            continue
+        try:
+            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            state = (d / "stat").read_text().split()[2]
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            continue
+        if text in cmd and state != "Z":
+            out.append(int(d.name))
+    return out
+
+
+def launch(tmp_path, run_dir, steps, extra=()):
+    args = [sys.executable, str(ROOT / "launch" / "run.py"), "--steps", str(steps), "--output-dir", str(run_dir),
+            f"warmup.cache_dir={tmp_path / 'warmup-cache'}", *SMALL, *extra]
+    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=str(ROOT))
+
+
+def test_run_completes_with_an_actor_killed_midway(tmp_path):
+    run_dir = tmp_path / "run"
+    p = launch(tmp_path, run_dir, steps=6)
+    killed = None
+    try:
+        deadline = time.monotonic() + 600
+        while p.poll() is None and time.monotonic() < deadline:  # kill the actor once training is under way
+            m = run_dir / "metrics.jsonl"
+            if killed is None and m.exists() and len(m.read_text().splitlines()) >= 2:
+                pids = procs_mentioning(f"{run_dir}/config.yaml --slot 0")
+                if pids:
+                    killed = min(pids)
+                    os.kill(killed, signal.SIGKILL)
+            time.sleep(0.2)
+        out = p.communicate(timeout=60)[0]
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 0, out[-3000:]
+    assert killed is not None, "the actor was never seen running"
+    assert re.search(r"held-out accuracy: \d+\.\d% -> \d+\.\d% in 6 steps \(\d+ s\)", out), out[-2000:]
+
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["actor_restarts"] >= 1 and summary["last_policy_version"] == 6
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert [r["policy_version"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert rows[-1]["system/transport/received"] >= 6 * 4 and rows[-1]["system/transport/rejected"] == 0
+    assert rows[-1]["system/transport/incarnations"] >= 3  # actor, its restart, the evaluator
+    for name in ("config.yaml", "metrics.jsonl", "eval.jsonl", "progress.png", "summary.json",
+                 "final/config.json", "final/model.safetensors", "final/tokenizer.json", "sft/config.json"):
+        assert (run_dir / name).is_file(), name
+    assert list((run_dir / "tb").glob("events.out.tfevents.*")) and list((run_dir / "tb" / "eval").glob("events.*"))
+    assert list((run_dir / "checkpoints").glob("step_*"))
+    evals = [json.loads(line) for line in (run_dir / "eval.jsonl").read_text().splitlines()]
+    assert evals[0]["policy_version"] == 0 and evals[-1]["final"] and evals[-1]["policy_version"] == 6
+
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    before, after = load_file(run_dir / "sft" / "model.safetensors"), load_file(run_dir / "final" / "model.safetensors")
+    assert set(before) == set(after)
+    assert max((before[k] - after[k]).abs().max().item() for k in before) > 0, "the weights did not change"
+    model = AutoModelForCausalLM.from_pretrained(run_dir / "final")
+    tok = AutoTokenizer.from_pretrained(run_dir / "final")
+    ids = tok.apply_chat_template([{"role": "user", "content": "start 1 add 2"}], add_generation_prompt=True)
+    ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+    assert model(torch.tensor([list(ids)])).logits.isfinite().all()
+    assert not procs_mentioning(str(run_dir)), "processes of the run are still alive"
+
+
+def test_ctrl_c_leaves_no_process(tmp_path):
+    run_dir = tmp_path / "run"
+    p = launch(tmp_path, run_dir, steps=50)
+    try:
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline and p.poll() is None:
+            if len(procs_mentioning(f"{run_dir}/config.yaml")) >= 3 and (run_dir / "metrics.jsonl").exists():
+                break
+            time.sleep(0.2)
+        assert p.poll() is None, p.communicate()[0][-3000:]
+        p.send_signal(signal.SIGINT)
+        out = p.communicate(timeout=120)[0]
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode != 0 and "interrupted" in out, out[-2000:]
+    time.sleep(0.5)
+    assert not procs_mentioning(str(run_dir)), "processes of the run are still alive"

@@ -35,13 +35,31 @@ log = logging.getLogger(__name__)
 EVALUATOR_ID = "evaluator"
 
 
-def load_items(path, limit: int = 0) -> list:
-    """``(prompt_id, prompt, reference)`` items of a held-out file, the first ``limit`` (0 = all)."""
+PROMPT_KEYS = ("prompt", "problem", "question")  # the shared eval sets use problem/question
+
+
+def load_items(path, limit: int = 0, suffix: str = "") -> list:
+    """``(prompt_id, prompt, reference)`` items of a held-out file, the first ``limit`` (0 = all);
+    the prompt is the row's first field of ``PROMPT_KEYS``, with ``suffix`` appended to text
+    prompts."""
     from actors.prompts import PromptSource
 
     src = PromptSource(path)
     n = len(src) if limit == 0 else min(limit, len(src))
-    return [src.item(i) for i in range(n)]
+    if n and src.prompt_key not in src._rows[0]:
+        key = next((k for k in PROMPT_KEYS if k in src._rows[0]), None)
+        if key is None:
+            raise KeyError(f"{path}: rows have none of the prompt fields {PROMPT_KEYS}")
+        src = PromptSource(path, prompt_key=key)
+    items = [src.item(i) for i in range(n)]
+    return [(pid, prompt + suffix if isinstance(prompt, str) else prompt, _final_answer(ref)) for pid, prompt, ref in items]
+
+
+def _final_answer(ref):
+    """GSM8K references are whole solutions ending in ``#### <answer>``: keep the answer."""
+    if isinstance(ref, str) and "####" in ref:
+        return ref.rsplit("####", 1)[1].strip().replace(",", "")
+    return ref
 
 
 def score(engine, pool, tokenizer, items, *, samples: int, temperature: float, max_tokens: int, seed: int,
@@ -168,7 +186,7 @@ def run_evaluator_process(cfg) -> list[dict]:
     if cfg.eval.heldout_path is None:
         raise ValueError("eval.heldout_path is not set (the launcher sets it for task.kind=arithmetic)")
     torch.set_num_threads(cfg.actors.threads)
-    items = load_items(cfg.eval.heldout_path, cfg.eval.limit)
+    items = load_items(cfg.eval.heldout_path, cfg.eval.limit, cfg.eval.prompt_suffix)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer_path or cfg.model.policy_path)
     kind = cfg.generation.engine if cfg.generation.engine != "vllm-async" else "vllm"
     engine = make_engine(kind, cfg.model.policy_path, **engine_options(cfg, kind))
@@ -177,8 +195,8 @@ def run_evaluator_process(cfg) -> list[dict]:
         with VerifierPool.from_config(cfg.verifier) as pool:
             client = ActorClient(cfg.transport, EVALUATOR_ID).start()
             try:
-                receiver = AnnouncedReceiver(cfg, client, rank=cfg.actors.num + 1,
-                                             num_receivers=cfg.actors.num + 1)
+                total = cfg.actors.total_slots or cfg.actors.num
+                receiver = AnnouncedReceiver(cfg, client, rank=total + 1, num_receivers=total + 1)
                 ev = Evaluator(cfg, engine, pool, tokenizer, items, client, receiver)
                 return ev.run()
             finally:

@@ -5,9 +5,10 @@ actor slot with ``python launch/actors.py --slot I ...``, which calls ``run_acto
 
 Contract
 --------
-- Slot ``i`` of ``actors.num`` is actor id ``actor-i``; it reads shard ``i`` of the training
-  prompts (``actors.prompts_path``, looped) with its cursor in
-  ``<run.output_dir>/actors/actor-i.cursor.json``, so a restarted process (a new transport
+- Local slot ``i`` of ``actors.num`` is global slot ``g = actors.first_slot + i`` of
+  ``actors.total_slots`` (default ``num``): actor id ``actor-g``, shard ``g`` of the training
+  prompts (``actors.prompts_path``, looped), cursor in
+  ``<run.output_dir>/actors/actor-g.cursor.json``, so a restarted process (a new transport
   incarnation) resumes after the last handled prompt.
 - The model is ``model.policy_path`` (tokenizer: ``model.tokenizer_path`` or the same dir);
   the engine is ``generation.engine``. Weights arrive from where each ``PolicyUpdate`` says
@@ -84,27 +85,31 @@ def run_actor_process(cfg, slot: int) -> dict:
     acfg = cfg.actors
     if not 0 <= slot < acfg.num:
         raise ValueError(f"slot {slot} not in 0..{acfg.num - 1}")
+    total = acfg.total_slots or acfg.num
+    g = acfg.first_slot + slot  # global slot: actor id, prompt shard, weight-sync rank
+    if g >= total:
+        raise ValueError(f"global slot {g} (actors.first_slot + {slot}) >= actors.total_slots {total}")
     if acfg.prompts_path is None:
         raise ValueError("actors.prompts_path is not set (the launcher sets it for task.kind=arithmetic)")
     torch.set_num_threads(acfg.threads)
-    actor_id = f"actor-{slot}"
+    actor_id = f"actor-{g}"
     run_dir = Path(cfg.run.output_dir)
     (run_dir / "actors").mkdir(parents=True, exist_ok=True)
     model_dir = cfg.model.policy_path
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer_path or model_dir)
-    prompts = PromptSource(acfg.prompts_path, shard=slot, num_shards=acfg.num,
+    prompts = PromptSource(acfg.prompts_path, shard=g, num_shards=total,
                            cursor_file=run_dir / "actors" / f"{actor_id}.cursor.json", loop=True)
     engine = make_engine(cfg.generation.engine, model_dir, **engine_options(cfg, cfg.generation.engine))
     client = receiver = None
     try:
         with VerifierPool.from_config(cfg.verifier) as pool:
             client = ActorClient(cfg.transport, actor_id).start()
-            receiver = AnnouncedReceiver(cfg, client, rank=slot + 1, num_receivers=acfg.num)
+            receiver = AnnouncedReceiver(cfg, client, rank=g + 1, num_receivers=total)
             actor = Actor(cfg, actor_id, engine, pool, client, prompts, tokenizer=tokenizer, weight_receiver=receiver,
                           prompts_per_batch=acfg.prompts_per_batch, verifier_kind=acfg.verifier_kind,
                           stop_grace_s=acfg.stop_grace_s)
             log.info("%s (pid %d): engine %s on %s, shard %d/%d from cursor %d", actor_id, os.getpid(),
-                     cfg.generation.engine, model_dir, slot, acfg.num, prompts.committed)
+                     cfg.generation.engine, model_dir, g, total, prompts.committed)
             return actor.run()
     finally:
         if receiver is not None:

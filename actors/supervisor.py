@@ -16,8 +16,8 @@ Contract
   given up (logged). The new process is a new transport incarnation and resumes the slot's
   prompt cursor.
 - ``stop()``: SIGTERM to every process group, ``stop_grace_s + 15`` s to exit, then SIGKILL;
-  nothing is left running when it returns. On GPUs slot i gets ``CUDA_VISIBLE_DEVICES=i``
-  (unless ``gpu_ids`` says otherwise).
+  nothing is left running when it returns. With ``gpu_ids`` (``actors.gpus``) slot i gets
+  ``CUDA_VISIBLE_DEVICES=gpu_ids[i % len]``.
 Not covered: remote hosts (run one supervisor per node), health checks beyond exit codes
 (the learner's transport detects silent actors).
 """
@@ -171,7 +171,7 @@ def _killpg(pid: int, sig: int) -> None:
 def run_supervisor(cfg, config_path: str | os.PathLike) -> int:
     """Start ``actors.num`` actors and supervise them until done; SIGTERM/SIGINT stop them all.
     Returns the number of slots given up (0 = all ended normally)."""
-    sup = Supervisor(cfg, config_path)
+    sup = Supervisor(cfg, config_path, gpu_ids=cfg.actors.gpus.split(",") if cfg.actors.gpus else None)
     stop = threading.Event()
 
     def on_signal(signum, frame):

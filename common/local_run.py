@@ -226,9 +226,10 @@ def run_local(cfg, *, nproc_per_node: int = 1, live: bool = True) -> dict:
 
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
 
-    def spawn(name, argv):
+    def spawn(name, argv, gpus=None):
+        penv = dict(env, CUDA_VISIBLE_DEVICES=gpus) if gpus else env
         with open(logs / f"{name}.log", "ab") as out:
-            procs[name] = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env,
+            procs[name] = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=penv,
                                            start_new_session=True, cwd=str(ROOT))
         return procs[name]
 
@@ -237,11 +238,12 @@ def run_local(cfg, *, nproc_per_node: int = 1, live: bool = True) -> dict:
     try:
         learner = spawn("learner", [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                     f"--nproc-per-node={nproc_per_node}", str(ROOT / "launch" / "learner.py"),
-                                    "--config", str(config_path)])
+                                    "--config", str(config_path)], gpus=cfg.actors.learner_gpus)
         if cfg.eval.every > 0 and cfg.eval.heldout_path:
             spawn("evaluator", [sys.executable, str(ROOT / "launch" / "actors.py"), "--evaluator", "--config",
-                                str(config_path)])
-        sup = Supervisor(cfg, config_path, log_dir=logs).start()
+                                str(config_path)], gpus=(cfg.actors.gpus or "").split(",")[0] or None)
+        gpu_ids = cfg.actors.gpus.split(",") if cfg.actors.gpus else None
+        sup = Supervisor(cfg, config_path, log_dir=logs, gpu_ids=gpu_ids).start()
         console.print(f"learner (torchrun, {nproc_per_node} rank(s)), {cfg.actors.num} actor(s)"
                       f"{' and the evaluator' if 'evaluator' in procs else ''} started; logs in {logs}")
         with Live(_view(run_dir, sup, t0, cfg.run.steps), console=console, refresh_per_second=1,

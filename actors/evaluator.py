@@ -11,7 +11,7 @@ Contract
   then the newest version whenever it
   has advanced by ``eval.every`` since the last evaluation (it skips versions while busy:
   it never holds anything up), and at the end the final policy saved by the learner in
-  ``<run_dir>/final`` (``"final": true``).
+  ``<run_dir>/final`` (``"final": true``) unless that version was the last one evaluated.
 - One evaluation: the held-out prompts (``eval.heldout_path``, first ``eval.limit``), each
   sampled ``eval.samples`` times at ``eval.temperature`` (default: the training temperature),
   ``accuracy`` = mean reward over all those samples; with ``eval.greedy`` also one greedy
@@ -159,8 +159,11 @@ class Evaluator:
         if (final / "config.json").is_file():
             upd = self.client.latest_update
             version = max(self.engine.policy_version, upd.policy_version if upd is not None else 0)
-            self.engine.load_weights(str(final), version)
-            self.evaluate(version, final=True)
+            if self.records and self.records[-1]["policy_version"] == version:
+                log.info("final policy v%d was just evaluated: not again", version)
+            else:
+                self.engine.load_weights(str(final), version)
+                self.evaluate(version, final=True)
         else:
             log.warning("no final policy in %s after %.0f s: no final evaluation", final, final_wait_s)
         return self.records

@@ -263,6 +263,7 @@ def run_local(cfg, *, nproc_per_node: int = 1, live: bool = True) -> dict:
                 view.update(_view(run_dir, sup, t0, cfg.run.steps), refresh=True)
                 time.sleep(1.0)
             view.update(_view(run_dir, sup, t0, cfg.run.steps), refresh=True)
+        console.print()
         if interrupted["sig"] is not None:
             console.print(f"[yellow]signal {interrupted['sig']}: stopping every process[/yellow]")
         elif rc != 0:

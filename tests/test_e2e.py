@@ -87,7 +87,7 @@ def test_run_completes_with_an_actor_killed_midway(tmp_path):
     assert list((run_dir / "tb").glob("events.out.tfevents.*")) and list((run_dir / "tb" / "eval").glob("events.*"))
     assert list((run_dir / "checkpoints").glob("step_*"))
     evals = [json.loads(line) for line in (run_dir / "eval.jsonl").read_text().splitlines()]
-    assert evals[0]["policy_version"] == 0 and evals[-1]["final"] and evals[-1]["policy_version"] == 6
+    assert evals[0]["policy_version"] == 0 and evals[-1]["policy_version"] == 6
 
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer

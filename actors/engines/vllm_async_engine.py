@@ -147,6 +147,8 @@ class VLLMAsyncEngine(Engine):
         seed: int | None = None,
     ) -> list[list[Sample]]:
         check_sampling_args(prompts, k, temperature, top_p, max_tokens)
+        if temperature == 0:  # vLLM's greedy mode (evaluation); top-p is meaningless there
+            top_p = 1.0
         return self._call(self._generate_all([list(p) for p in prompts], k, temperature, top_p, max_tokens, seed))
 
     async def _generate_all(self, prompts, k, temperature, top_p, max_tokens, seed) -> list[list[Sample]]:

@@ -150,13 +150,15 @@ class HFEngine(Engine):
         caps = [self._response_cap(len(r), max_tokens) for r in rows]
         recorder = _LogprobRecorder()
         procs: list = []
-        if temperature != 1.0:
+        greedy = temperature == 0  # argmax; the recorder then sees the unscaled scores
+        if not greedy and temperature != 1.0:
             procs.append(TemperatureLogitsWarper(temperature))
-        if top_p < 1.0:
+        if not greedy and top_p < 1.0:
             procs.append(TopPLogitsWarper(top_p))
         procs.append(recorder)
+        sampling = {"do_sample": False} if greedy else {"do_sample": True, "temperature": 1.0, "top_k": 0, "top_p": 1.0}
         cfg = GenerationConfig(
-            do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=max(caps),
+            **sampling, max_new_tokens=max(caps),
             eos_token_id=self.eos_token_ids, pad_token_id=self.pad_token_id, use_cache=True,
         )
         with torch.no_grad(), torch.random.fork_rng(devices=self._rng_devices()):

@@ -18,9 +18,11 @@ How: one offline ``vllm.LLM`` built with
   resets the prefix cache.
 - On a machine without CUDA: ``dtype="float32"``, ``enforce_eager=True`` and the
   ``VLLM_CPU_*`` environment defaults (setdefault, so the caller can override them).
-- ``n=k`` samples per prompt, seeded per prompt (vLLM seeds child j with seed + j).
+- ``n=k`` samples per prompt, seeded per prompt (vLLM seeds child j with seed + j);
+  ``temperature=0`` is vLLM's greedy mode, whose processed log-probs are log_softmax of the
+  unscaled logits (as in the HF backend).
 
-Not covered: AsyncLLM streaming and in-flight updates, NCCL weight transfer, sleep mode.
+Not covered: in-flight updates (``actors.engines.vllm_async_engine``), NCCL weight transfer, sleep mode.
 """
 
 from __future__ import annotations
@@ -115,6 +117,8 @@ class VLLMEngine(Engine):
         from vllm import SamplingParams
 
         check_sampling_args(prompts, k, temperature, top_p, max_tokens)
+        if temperature == 0:  # vLLM's greedy mode; top-p is meaningless there
+            top_p = 1.0
         params = [
             SamplingParams(
                 n=k, temperature=temperature, top_p=top_p, top_k=0, max_tokens=max_tokens,

@@ -223,6 +223,102 @@ class TransportConfig(_Section):
     )
 
 
+class ActorsConfig(_Section):
+    num: int = Field(1, ge=1, description="Actor processes started by launch/actors.py (one per GPU on a GPU node). [processes]")
+    prompts_path: str | None = Field(
+        None,
+        description="Training prompts (JSONL or parquet, read by actors.prompts.PromptSource; sharded over actors). None with task.kind=arithmetic: the generated training set. [path]",
+    )
+    first_slot: int = Field(0, ge=0, description="Global index of this machine's first actor (several actor machines: 0, num, 2·num, ...); actor ids and prompt shards are global. [slots]")
+    total_slots: int | None = Field(None, ge=1, description="Actors over all machines (the prompt file is split into this many shards); None = num. [slots]")
+    prompts_per_batch: int = Field(8, ge=1, description="Prompts per generation call of one actor (K samples each). [prompts]")
+    verifier_kind: Literal["math", "code"] = Field(
+        "math", description="Verifier for rows that do not name their own (ability/data_source). [enum]"
+    )
+    threads: int = Field(1, ge=1, description="torch threads of one actor process (transformers engine, verification helpers). [threads]")
+    gpus: str | None = Field(
+        None, description="GPU ids for the actors, comma-separated; actor i gets the i-th (mod the count) as CUDA_VISIBLE_DEVICES; None = leave it unset. [GPU ids]"
+    )
+    learner_gpus: str | None = Field(
+        None, description="CUDA_VISIBLE_DEVICES of the learner started by launch/run.py (e.g. '4,5,6,7' beside actors on '0,1,2,3'); None = unset. [GPU ids]"
+    )
+    stop_grace_s: float = Field(10.0, ge=0.0, description="On a stop, time to finish and send in-flight groups before they are dropped. [s]")
+    restart_backoff_s: float = Field(2.0, ge=0.0, description="Delay before restarting a crashed actor; doubles per consecutive crash. [s]")
+    restart_backoff_max_s: float = Field(60.0, ge=0.0, description="Upper bound of the restart delay. [s]")
+    max_restarts: int = Field(20, ge=0, description="Restarts of one actor slot before the supervisor gives up on it. [restarts]")
+
+
+class EvalConfig(_Section):
+    every: int = Field(10, ge=0, description="Evaluate the policy on the held-out prompts every this many policy versions (and at 0 and at the end); 0 = off. [policy versions]")
+    heldout_path: str | None = Field(
+        None, description="Held-out prompts (JSONL/parquet). None with task.kind=arithmetic: the generated held-out set. [path]"
+    )
+    limit: int = Field(0, ge=0, description="Evaluate only the first N held-out prompts; 0 = all. [prompts]")
+    samples: int = Field(4, ge=1, description="Samples per prompt at the evaluation temperature; accuracy = their mean. [responses]")
+    temperature: float | None = Field(
+        None, gt=0.0, description="Sampling temperature of the evaluation; None = generation.temperature. [dimensionless]"
+    )
+    greedy: bool = Field(True, description="Also report greedy (argmax) accuracy. [bool]")
+    last_n: int = Field(3, ge=1, description="The run's final accuracy is the mean of the last N evaluations (noise). [evaluations]")
+    prompt_suffix: str = Field(
+        "", description="Appended to every held-out text prompt (PRIME math: '\\n\\nPresent the answer in LaTex format: \\\\boxed{Your answer}'). [text]"
+    )
+
+
+class TaskConfig(_Section):
+    kind: Literal["arithmetic", "none"] = Field(
+        "arithmetic",
+        description="The embedded task (actors/tasks/): 'arithmetic' = seeded multi-step integer arithmetic with worked, boxed solutions (launch/run.py warms up the starting policy and writes the prompt files); 'none' = bring your own model and prompts. [enum]",
+    )
+    steps: int = Field(3, ge=1, le=8, description="Operations per problem (one written step each). [operations]")
+    digits: int = Field(2, ge=1, le=3, description="Every value (intermediates too) lies in 0..10^digits-1; add/sub operands too, mul operands are 2..9. [digits]")
+    slip_share: float = Field(
+        0.3, ge=0.0, le=1.0,
+        description="Share of the warm-up demonstrations whose written result of one step is off by 1..max_slip; later steps continue from the wrong value, so the answer is wrong. [fraction]",
+    )
+    max_slip: int = Field(3, ge=1, description="Largest error of a slipped step. [integer]")
+    fixed_width: bool = Field(
+        True, description="Zero-pad every number in the prompt and the steps to `digits` digits (the boxed answer is not padded): fixed token positions make the steps far quicker to learn. [bool]"
+    )
+    sft_size: int = Field(20000, ge=1, description="Problems with a demonstration for the supervised warm-up. [problems]")
+    train_size: int = Field(4096, ge=1, description="RL training prompts (the actors' prompt file). [problems]")
+    dev_size: int = Field(256, ge=1, description="Prompts the warm-up's plateau rule evaluates on. [problems]")
+    heldout_size: int = Field(256, ge=1, description="Held-out evaluation prompts; disjoint from every other split. [problems]")
+    seed: int = Field(0, ge=0, description="Seed of the problems and of where slips fall. [integer]")
+
+
+class WarmupConfig(_Section):
+    hidden_size: int = Field(128, ge=32, description="Width of the warm-up's Qwen2 model. [units]")
+    intermediate_size: int = Field(512, ge=1, description="MLP width of the model. [units]")
+    layers: int = Field(4, ge=1, description="Decoder layers of the model. [layers]")
+    heads: int = Field(4, ge=1, description="Attention heads (= KV heads); head_dim = hidden_size/heads must be >= 32 for vLLM on CPU. [heads]")
+    max_position_embeddings: int = Field(256, ge=64, description="Context length of the model (prompt + response). [tokens]")
+    batch_size: int = Field(64, ge=1, description="Demonstrations per optimiser step. [sequences]")
+    lr: float = Field(3e-3, gt=0.0, description="Peak AdamW learning rate (linear warm-up, constant, linear cool-down). [1/step]")
+    lr_warmup_steps: int = Field(50, ge=0, description="Linear learning-rate warm-up. [optimiser steps]")
+    cooldown_steps: int = Field(
+        200, ge=0, description="When the constant-LR phase ends (plateau, max_steps or max_seconds), the LR decays linearly to 0 over this many more steps (warmup-stable-decay), then training stops. [optimiser steps]"
+    )
+    weight_decay: float = Field(0.01, ge=0.0, description="AdamW decoupled weight decay. [dimensionless]")
+    grad_clip: float = Field(1.0, gt=0.0, description="Global gradient-norm clip. [L2 norm]")
+    max_steps: int = Field(3000, ge=1, description="Hard cap on training steps, cool-down included (the plateau rule normally ends training first). [optimiser steps]")
+    max_seconds: float = Field(900.0, gt=0.0, description="Hard cap on training time, checked at evaluations (makes the result wall-clock dependent when it triggers). [s]")
+    eval_every: int = Field(100, ge=1, description="Evaluation period on the dev split. [optimiser steps]")
+    eval_samples: int = Field(4, ge=1, description="Samples per dev/held-out prompt for the sampled accuracy. [responses]")
+    eval_temperature: float = Field(1.0, gt=0.0, description="Temperature of the sampled accuracy (the RL run's training temperature). [dimensionless]")
+    patience: int = Field(3, ge=1, description="The constant-LR phase ends after this many consecutive evaluations without an improvement. [evaluations]")
+    min_steps: int = Field(600, ge=0, description="No plateau is declared before this step (the first hundreds of steps learn the format at near-zero accuracy). [optimiser steps]")
+    min_delta: float = Field(
+        0.01, ge=0.0, description="An evaluation improves if its sampled or greedy dev accuracy beats the best so far by more than this. [fraction]"
+    )
+    max_new_tokens: int = Field(48, ge=1, description="Response length limit of the warm-up's evaluations. [tokens]")
+    threads: int = Field(2, ge=1, description="torch threads while training (restored afterwards). [threads]")
+    seed: int = Field(0, ge=0, description="Seed of the initial weights, batch order and evaluation sampling. [integer]")
+    cache_dir: str = Field(
+        "~/.cache/prime-async/warmup", description="Cache of finished warm-ups, one folder per recipe hash (task + warmup sections). [path]"
+    )
+
+
 class LoggingConfig(_Section):
     tensorboard: bool = Field(True, description="Write TensorBoard event files under <run_dir>/tb. [bool]")
     log_every: int = Field(1, ge=1, description="Metrics logging period. [learner steps]")
@@ -258,8 +354,12 @@ class PrimeRunConfig(_Section):
     batch: BatchConfig = Field(default_factory=BatchConfig, description="Batch sizes. [section]")
     async_: AsyncConfig = Field(default_factory=AsyncConfig, alias="async", description="Asynchrony. [section]")
     transport: TransportConfig = Field(default_factory=TransportConfig, description="ZeroMQ transport. [section]")
+    actors: ActorsConfig = Field(default_factory=ActorsConfig, description="Actor processes. [section]")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="Periodic held-out evaluation during training. [section]")
     logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Logging. [section]")
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="Checkpoints. [section]")
+    task: TaskConfig = Field(default_factory=TaskConfig, description="The embedded task (prompts, demonstrations). [section]")
+    warmup: WarmupConfig = Field(default_factory=WarmupConfig, description="Supervised warm-up of the starting policy (actors/tasks/warmup.py). [section]")
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 

@@ -49,10 +49,15 @@ def main(argv=None):
         return selfcheck(cfg, args)
     from common.local_run import run_local
 
+    import signal
+
+    # Ctrl-C works even where the shell started us with SIGINT ignored (a background job);
+    # run_local installs its own handlers once processes exist
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         run_local(cfg, nproc_per_node=args.nproc_per_node)
     except KeyboardInterrupt as e:
-        sys.exit(f"interrupted: {e}")
+        sys.exit(f"interrupted: {e}" if str(e) else "interrupted")
     except RuntimeError as e:
         sys.exit(f"error: {e}")
 

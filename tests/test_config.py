@@ -33,7 +33,7 @@ def test_yaml_then_overrides_win():
     cfg = load_config(TINY, ["prime.beta=0.1", "async.max_staleness=3", "optim.prm.lr=2e-6", "loss.correction=mask"])
     assert cfg.prime.beta == 0.1 and cfg.async_.max_staleness == 3
     assert cfg.optim.prm.lr == 2e-6 and cfg.loss.correction == "mask"
-    assert cfg.generation.max_tokens == 96  # from the YAML, not the default 3072
+    assert cfg.generation.max_tokens == 48  # from the YAML, not the default 3072
 
 
 @pytest.mark.parametrize(

@@ -16,9 +16,10 @@ p = pathlib.Path(sys.argv[1]); n = int(p.read_text()) if p.exists() else 0
 p.write_text(str(n + 1)); sys.exit(3 if n < 2 else 0)
 """
 FOREVER_WITH_CHILD = """
-import subprocess, sys, time, pathlib
+import os, subprocess, sys, time, pathlib
 c = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
-pathlib.Path(sys.argv[1]).write_text(str(c.pid)); time.sleep(600)
+p = pathlib.Path(sys.argv[1]); tmp = p.with_suffix(".tmp")
+tmp.write_text(f"{os.getpid()} {c.pid}"); tmp.replace(p); time.sleep(600)
 """
 
 
@@ -32,6 +33,19 @@ def alive(pid):
             return f.read().split()[2] != "Z"
     except FileNotFoundError:
         return False
+
+
+def wait_pids(sup, path, leader_pid, t_end):
+    """Poll the supervisor until ``path`` names ``leader_pid`` (the script writes "leader child");
+    returns the child pid. Bounded: a test that cannot see it fails instead of hanging CI."""
+    while True:
+        sup.poll()
+        if path.exists():
+            leader, child = map(int, path.read_text().split())
+            if leader == leader_pid():
+                return child
+        assert time.monotonic() < t_end, f"no pids from the actor in {path}"
+        time.sleep(0.05)
 
 
 def test_restart_with_backoff_done_on_zero_and_stop_kills_groups(tmp_path):
@@ -50,19 +64,16 @@ def test_restart_with_backoff_done_on_zero_and_stop_kills_groups(tmp_path):
         assert sup.slots[0].done and (tmp_path / "count").read_text() == "3"
         assert sup.slots[0].restarts == 2 and time.monotonic() - t0 >= 0.2 + 0.3  # back-off 0.2 s, then capped 0.3 s
         # SIGKILL of a running actor: restarted as a new process
-        while not (tmp_path / "child").exists():
-            time.sleep(0.05)
         first = sup.slots[1].proc.pid
+        first_child = wait_pids(sup, tmp_path / "child", lambda: first, t0 + 60)
         os.kill(first, 9)
         while (sup.slots[1].proc is None or sup.slots[1].proc.pid == first) and time.monotonic() - t0 < 30:
             sup.poll()
             time.sleep(0.05)
         assert sup.slots[1].restarts == 1 and sup.slots[1].proc.pid != first
-        (tmp_path / "child").unlink()
-        while not (tmp_path / "child").exists():
-            time.sleep(0.05)
-        time.sleep(0.1)
-        leader, grandchild = sup.slots[1].proc.pid, int((tmp_path / "child").read_text())
+        assert not alive(first_child)  # the crashed actor's group was killed with it
+        leader = sup.slots[1].proc.pid
+        grandchild = wait_pids(sup, tmp_path / "child", lambda: leader, time.monotonic() + 60)
         assert alive(leader) and alive(grandchild)
     finally:
         sup.stop(grace_s=5)

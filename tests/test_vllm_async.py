@@ -64,10 +64,13 @@ def test_inflight_update_tags_each_token_with_the_version_that_sampled_it(engine
     res: dict = {}
     t = threading.Thread(target=lambda: res.setdefault(
         "out", engine.generate(PROMPTS, k=2, temperature=TEMP, max_tokens=110, seed=2)))
+    before = engine.tokens_streamed
     t.start()
-    while engine._running == 0 and t.is_alive():
-        time.sleep(0.01)
-    time.sleep(1.0)  # the generation is running (110 tokens take several seconds here)
+    # update once the 8 samples have streamed ~3 tokens each: on a quiet machine the whole
+    # generation takes well under a second, so a fixed sleep can miss it
+    t_end = time.monotonic() + 120
+    while engine.tokens_streamed - before < 24 and t.is_alive() and time.monotonic() < t_end:
+        time.sleep(0.002)
     engine.load_weights(m1.state_dict(), 1)
     t.join(timeout=120)
     assert not t.is_alive()
@@ -134,8 +137,10 @@ def test_actor_with_inflight_engine_sends_valid_mixed_version_groups(engine, mod
         for v, m in ((start + 1, m2), (start + 2, m3)):
             deadline = time.monotonic() + 120
             while engine._running == 0 and time.monotonic() < deadline:
-                time.sleep(0.02)
-            time.sleep(0.5)
+                time.sleep(0.002)
+            streamed = engine.tokens_streamed  # then ~2 tokens per running sample (not a fixed sleep)
+            while engine.tokens_streamed - streamed < 8 and time.monotonic() < deadline:
+                time.sleep(0.002)
             sender.send(m.state_dict(), v)
             server.publish_policy(v, "shm", channel)
             while engine.policy_version < v and time.monotonic() < deadline:

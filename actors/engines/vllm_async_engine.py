@@ -104,6 +104,7 @@ class VLLMAsyncEngine(Engine):
         self._ids = itertools.count()
         self._prefix_dirty = False
         self._running = 0  # generate() calls in progress (loop thread only)
+        self.tokens_streamed = 0  # sampled tokens received from the engine so far (progress, for monitoring)
         self._update_lock = threading.Lock()
         args = AsyncEngineArgs(
             model=self.model_path,
@@ -191,6 +192,7 @@ class VLLMAsyncEngine(Engine):
                 ch.tokens.extend(toks)
                 ch.logprobs.extend(float(step[t].logprob) for t, step in zip(toks, c.logprobs or []))
                 ch.versions.extend([version] * len(toks))
+                self.tokens_streamed += len(toks)
                 if c.finish_reason is not None:
                     ch.reason = c.finish_reason
         for ch in children:

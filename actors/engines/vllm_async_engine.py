@@ -270,11 +270,24 @@ class VLLMAsyncEngine(Engine):
             self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=10)
 
+    @staticmethod
+    async def _shutdown(llm) -> None:
+        """Shut the engine down on its own loop, then let the tasks it leaves (its output
+        handler) finish their cancellation before the loop stops."""
+        llm.shutdown()
+        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
     def close(self) -> None:
         llm, self.llm = self.llm, None
         if llm is None:
             return
         try:
-            llm.shutdown()
+            if self._loop.is_running():
+                self._call(self._shutdown(llm), timeout=60)
+            else:
+                llm.shutdown()
         finally:
             self._stop_loop()

@@ -133,6 +133,14 @@ def _dummy_logits_sum(model, like: torch.Tensor) -> torch.Tensor:
     return model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits.float().sum()
 
 
+def _clock(like: torch.Tensor) -> float:
+    """time.perf_counter() after the device holding ``like`` has finished its queued work
+    (CUDA kernels run asynchronously; without the sync a phase's time spills into the next)."""
+    if like.is_cuda:
+        torch.cuda.synchronize(like.device)
+    return time.perf_counter()
+
+
 def _no_sync(model, last: bool):
     if hasattr(model, "no_sync") and not last:
         return model.no_sync()
@@ -190,7 +198,7 @@ def prime_step(models: Models, batch: RolloutBatch, cfg: PrimeRunConfig, policy_
     """Run one PRIME step on this rank's share ``batch``; returns metrics (global where
     they are reduced, i.e. identical on every rank)."""
     rank, W = world()
-    t0 = time.perf_counter()
+    t0 = _clock(batch.mask)
     K = batch.group_size
     temp = cfg.generation.temperature
     budget = cfg.batch.micro_batch_tokens
@@ -242,7 +250,7 @@ def prime_step(models: Models, batch: RolloutBatch, cfg: PrimeRunConfig, policy_
             q = implicit_process_rewards(batch_logprobs(models.prm, batch, 1.0, budget), ref_lp, mask)
         if prm_losses:
             m["loss/prm_ce"] = float(_all_reduce(torch.tensor(sum(prm_losses) / len(prm_losses))) )
-    t_prm = time.perf_counter()
+    t_prm = _clock(batch.mask)
 
     # ------------------------------------------------------- returns and advantages
     mask_all = _all_gather_rows(mask)
@@ -266,7 +274,7 @@ def prime_step(models: Models, batch: RolloutBatch, cfg: PrimeRunConfig, policy_
         old_lp = batch.behav_logp
     else:
         old_lp = batch_logprobs(models.policy, batch, temp, budget)
-    t_old = time.perf_counter()
+    t_old = _clock(batch.mask)
 
     # ----------------------------------------------------------------- policy update
     lc = cfg.loss
@@ -296,7 +304,7 @@ def prime_step(models: Models, batch: RolloutBatch, cfg: PrimeRunConfig, policy_
             pol_losses.append(loss)
             gnorms.append(gn)
             pm.extend(e for _, e in extras)
-    t_pol = time.perf_counter()
+    t_pol = _clock(batch.mask)
 
     # ------------------------------------------------------------------- metrics
     tok = float(mask.sum())

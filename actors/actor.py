@@ -9,9 +9,13 @@ Contract
    engine's version, the weights are received (``weight_receiver.receive``) and loaded with
    ``engine.load_weights(state, version)``; the heartbeat state is updated.
 2. Admission: no batch is started while ``learner_version - engine.policy_version > eta``
-   (``client.admitted``). While not admitted the actor first finishes the batch whose
-   verification is pending, then waits, loading new weights as soon as they are announced.
-3. ``prompts_per_batch`` prompts are generated with ``k`` samples each in ONE ``generate``
+   (``client.admitted``), nor, when the learner sends a capacity bound (``async.admission:
+   capacity``), beyond it: a batch takes at most ``client.admit_room(groups started)``
+   prompts. While not admitted (or with no room) the actor first finishes the batch whose
+   verification is pending (sending it is what frees room), then waits, loading new
+   weights as soon as they are announced. Groups started and dropped are reported in the
+   heartbeat for the learner's accounting.
+3. Up to ``prompts_per_batch`` prompts are generated with ``k`` samples each in ONE ``generate``
    call, so every sample (and every token's ``policy_version``) of the batch comes from one
    engine version. Every response is submitted to the verifier pool at once. With an engine
    that takes in-flight updates (``generation.engine: vllm-async``), ``generate`` runs in a
@@ -126,7 +130,7 @@ class Actor:
         self.stats: dict[str, float] = {
             "groups_sent": 0, "groups_dropped_verifier": 0, "groups_dropped_stop": 0, "prompts_skipped": 0,
             "weight_updates": 0, "tokens": 0, "gen_s": 0.0, "verify_wait_s": 0.0, "weights_wait_s": 0.0,
-            "admission_wait_s": 0.0, "send_wait_s": 0.0,
+            "admission_wait_s": 0.0, "send_wait_s": 0.0, "groups_started": 0,
         }
 
     # ------------------------------------------------------------------ control
@@ -166,7 +170,17 @@ class Actor:
                         pending = None
                     if not self._wait_admission():
                         break
+                room = self.client.admit_room(self.stats["groups_started"])
+                if room is not None and room <= 0:  # the learner's capacity rule: no room now
+                    if pending is not None:  # sending it is what frees room
+                        self._finish(pending, deadline=None)
+                        pending = None
+                    if not self._wait_room():
+                        break
+                    continue  # weights and the version rule again
                 n = self.prompts_per_batch if max_groups is None else min(self.prompts_per_batch, max_groups - started)
+                if room is not None:
+                    n = min(n, room)
                 batch = self._generate(n)
                 if batch is None:  # prompts exhausted
                     break
@@ -225,6 +239,24 @@ class Actor:
         finally:
             self.stats["admission_wait_s"] += time.monotonic() - t0
 
+    def _wait_room(self) -> bool:
+        """Wait until the learner's capacity rule leaves room for a group, loading new
+        weights as they are announced. False on stop."""
+        t0 = time.monotonic()
+        try:
+            while not self.stopping:
+                if self.client.wait_admit_room(self.stats["groups_started"], timeout=self.poll_s):
+                    return True
+                self._maybe_update_weights()
+            return False
+        finally:
+            self.stats["admission_wait_s"] += time.monotonic() - t0
+
+    def _report_counts(self) -> None:
+        """Groups started and dropped, for the learner's admission accounting (heartbeat)."""
+        self.client.set_state(groups_started=int(self.stats["groups_started"]),
+                              groups_dropped=int(self.stats["groups_dropped_verifier"] + self.stats["groups_dropped_stop"]))
+
     def _maybe_update_weights(self) -> None:
         upd = self.client.latest_update
         if upd is None or upd.policy_version <= max(self.engine.policy_version, self._fetched_for):
@@ -274,6 +306,8 @@ class Actor:
             else:
                 samples = self.engine.generate(ids_list, **kwargs)
         gen_s = time.monotonic() - t0
+        self.stats["groups_started"] += len(ids_list)
+        self._report_counts()
         self._batches += 1
         self.stats["gen_s"] += gen_s
         ntok = sum(len(s.token_ids) for per in samples for s in per)
@@ -343,6 +377,7 @@ class Actor:
         batch.next_index = len(batch.prompts)
         self.prompts.save()
         self.client.set_state(in_flight=0)
+        self._report_counts()
 
     def _handled(self, batch: _Batch, after: int) -> None:
         self.prompts.commit(after)

@@ -196,7 +196,7 @@ def run_evaluator_process(cfg) -> list[dict]:
     receiver = ev = None
     try:
         with VerifierPool.from_config(cfg.verifier) as pool:
-            client = ActorClient(cfg.transport, EVALUATOR_ID).start()
+            client = ActorClient(cfg.transport, EVALUATOR_ID, generates=False).start()
             try:
                 total = cfg.actors.total_slots or cfg.actors.num
                 receiver = AnnouncedReceiver(cfg, client, rank=total + 1, num_receivers=total + 1)

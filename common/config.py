@@ -175,6 +175,10 @@ class AsyncConfig(_Section):
         1, ge=0,
         description="η: an actor may start a group only while its weights are at most η policy versions behind the learner; older finished groups are dropped and counted. 0 = synchronous. [policy versions]",
     )
+    admission: Literal["capacity", "version"] = Field(
+        "capacity",
+        description="How actors are admitted to start groups: 'capacity' = the version rule plus AReaL's capacity rule (at learner version v at most (η + v + 1)·B groups ever accepted or in flight, B = batch.prompts_per_step; over-stale drops become rare); 'version' = the version rule alone (actors generate freely; the learner drops what ages past η). [enum]",
+    )
     weight_sync: Literal["nccl", "gloo", "shm"] = Field(
         "shm", description="Weight-broadcast backend to the actors. [enum]"
     )

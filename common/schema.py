@@ -76,7 +76,9 @@ __all__ = [
     "validate",
 ]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# 1 -> 2: Hello.generates, Heartbeat.groups_started/groups_dropped, Credit.admit_total (the
+# learner's capacity-based admission). A peer of another version is rejected by name.
 MAX_MESSAGE_BYTES = 64 << 20  # default bound of one encoded envelope [bytes]
 LOGP_TOL = 1e-4  # a log-prob above this is not a log-prob (float32 rounding slack) [nats]
 
@@ -266,6 +268,7 @@ class Hello(_Body, tag="hello"):
     policy_version: NonNeg    # weights version the actor holds now
     pid: NonNeg = 0
     host: ShortStr = ""
+    generates: bool = True    # starts trajectory groups (False: e.g. the evaluator, which only follows versions)
 
 
 class Heartbeat(_Body, tag="heartbeat"):
@@ -275,6 +278,8 @@ class Heartbeat(_Body, tag="heartbeat"):
     in_flight: NonNeg         # groups admitted but not yet sent
     groups_sent: NonNeg       # trajectory-channel envelopes sent so far (= next trajectory seq)
     metrics: Metrics = {}     # e.g. {"tokens_per_s": ...}
+    groups_started: NonNeg = 0  # groups this incarnation has started generating, cumulative
+    groups_dropped: NonNeg = 0  # of those, never to be sent (verifier errors, stop), cumulative
 
 
 class ActorMetrics(_Body, tag="actor_metrics"):
@@ -304,13 +309,17 @@ class Credit(_Body, tag="credit"):
 
     ``granted_total`` is cumulative for the actor's incarnation (it may send trajectory
     envelopes with seq < ``granted_total``); ``n`` is this message's increment.
-    Admission: start a group only while ``policy_version - own_version <= max_staleness``.
+    Admission: start a group only while ``policy_version - own_version <= max_staleness``
+    and, when ``admit_total`` is not None, only while the incarnation's groups started
+    (cumulative) stay below ``admit_total`` (the learner's capacity rule, see
+    ``common.transport``); None = no capacity bound.
     """
 
     n: NonNeg
     granted_total: NonNeg
     policy_version: NonNeg
     max_staleness: NonNeg
+    admit_total: NonNeg | None = None
 
 
 class Ack(_Body, tag="ack"):

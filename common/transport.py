@@ -28,7 +28,14 @@ Invariants
   (a quarter window at a time), so an actor has at most ``credit_window`` groups queued.
 - Admission: an actor may start a group only while ``learner_version - own_version <= eta``
   (``max_staleness``), using the newest version it has heard of; before it has heard from
-  the learner, and after shutdown, it is not admitted.
+  the learner, and after shutdown, it is not admitted. With a capacity budget
+  (``set_admission``, AReaL's rule; the learner's ``Ingest`` computes it) it may also start
+  only while its groups started stay below ``Credit.admit_total``: the server gives each
+  live generating actor (``Hello.generates``; not the evaluator) an equal share of
+  budget − outstanding, outstanding = started − dropped − taken as reported by heartbeats
+  (``groups_started``/``groups_dropped``) and counted by seq; a changed share is pushed at
+  once. Exact with one actor; with several, heartbeat lag can let them overshoot briefly
+  (the learner's staleness backstop still applies).
 - Accounting by (actor_id, incarnation, seq): a repeated seq is dropped and counted as a
   duplicate; a jump in seq counts the skipped seqs as lost (one that arrives later is
   delivered and counted as late); a new incarnation of an actor id replaces the old one,
@@ -276,6 +283,11 @@ class _Incarnation:
     policy_version: int = 0
     in_flight: int = 0
     metrics: dict = field(default_factory=dict)
+    generates: bool = True        # from its Hello: starts groups (the evaluator does not)
+    started: int = 0              # groups started, from its latest heartbeat (cumulative)
+    dropped: int = 0              # of those never to be sent, from its latest heartbeat
+    admit_sent: int | None = None  # the admit_total last sent to it
+    taken_at_budget: int = 0      # consumed_next when the learner last set the budget
 
 
 _BATCH = 32                 # queued trajectory messages processed together
@@ -293,7 +305,7 @@ class LearnerServer:
     """
 
     def __init__(self, cfg: TransportConfig, *, max_staleness: int, policy_version: int = 0,
-                 credit_window: int | None = None):
+                 credit_window: int | None = None, admission_budget: int | None = None):
         if max_staleness < 0 or policy_version < 0:
             raise ValueError("max_staleness and policy_version must be >= 0")
         self.cfg = cfg
@@ -306,6 +318,7 @@ class LearnerServer:
         self._policy_version = int(policy_version)
         self._latest_update: PolicyUpdate | None = None
         self._shutdown_reason: str | None = None
+        self._admission_budget = admission_budget  # set_admission; None = version rule only
         self._current: dict[str, _Incarnation] = {}
         self._incs: dict[tuple[str, str], _Incarnation] = {}
         self._old: dict[str, collections.deque] = {}
@@ -646,6 +659,22 @@ class LearnerServer:
             self._c["policy_updates"] += 1
         self._wake.put(("broadcast",))
 
+    def set_admission(self, budget: int | None) -> None:
+        """Capacity-based admission (AReaL's rule): ``budget`` = (η + v + 1)·B − groups the
+        learner has already accepted (consumed or buffered), i.e. how many more groups may
+        be outstanding (started by actors, not yet taken by ``recv_group``). The server
+        shares ``budget − outstanding`` among the live generating actors and sends each its
+        ``Credit.admit_total``; None lifts the bound (the version rule alone). Cheap: call it
+        whenever the learner has handled the groups it took or advances its version; actors
+        whose ``admit_total`` changed are told at once. The groups taken so far are
+        snapshotted with the budget: a group taken by ``recv_group`` but not yet counted
+        by the learner frees no room in between."""
+        with self._lock:
+            self._admission_budget = None if budget is None else max(int(budget), 0)
+            for rec in self._current.values():
+                rec.taken_at_budget = rec.consumed_next
+        self._wake.put(("admission",))
+
     def shutdown(self, reason: str = "") -> None:
         """Tell every actor (including any that joins later) to shut down; no more credits."""
         with self._lock:
@@ -730,8 +759,10 @@ class LearnerServer:
                 n = target - rec.granted_total
                 rec.granted_total = target
                 self._c["credits_granted"] += n
+        admit = self._admit_total(rec)
+        rec.admit_sent = admit
         return Credit(n=n, granted_total=rec.granted_total, policy_version=self._policy_version,
-                      max_staleness=self.max_staleness)
+                      max_staleness=self.max_staleness, admit_total=admit)
 
     def _control_loop(self) -> None:
         poller = zmq.Poller()
@@ -768,6 +799,37 @@ class LearnerServer:
                 targets = [(r, self._state(r)) for r in self._current.values() if not r.closed]
             for rec, msgs in targets:
                 self._send(rec, msgs)
+        elif cmd[0] == "admission":
+            with self._lock:
+                if self._shutdown_reason is not None:
+                    return
+                targets = [(r, [self._grant(r)]) for r in self._generating()
+                           if self._admit_total(r) != r.admit_sent]
+            for rec, msgs in targets:
+                self._send(rec, msgs)
+
+    def _generating(self) -> list[_Incarnation]:
+        """Live incarnations that start groups, in actor-id order. Caller holds the lock."""
+        return sorted((r for r in self._current.values() if r.generates and not (r.closed or r.leaving)),
+                      key=lambda r: r.actor_id)
+
+    def _admit_total(self, rec: _Incarnation) -> int | None:
+        """The cumulative number of groups ``rec`` may have started: what it has started
+        (last heartbeat) plus its share of the room, room = budget − Σ outstanding over the
+        generating actors, outstanding = started − dropped − taken (seqs consumed, as of the
+        budget's snapshot). Shares are equal, the remainder to the first actors by id. With
+        one actor this equals budget + dropped + taken, exact whatever the heartbeat lag.
+        Caller holds the lock."""
+        if self._admission_budget is None or not rec.generates:
+            return None
+        gens = self._generating()
+        if rec not in gens:
+            return rec.started
+        # not clamped per actor: a lagging heartbeat (taken > started reported) cancels out
+        outstanding = sum(r.started - r.dropped - r.taken_at_budget for r in gens)
+        room = max(self._admission_budget - outstanding, 0)
+        i = gens.index(rec)
+        return rec.started + room // len(gens) + (1 if i < room % len(gens) else 0)
 
     def _on_control(self, frames) -> None:
         if len(frames) != 2:
@@ -796,6 +858,7 @@ class LearnerServer:
             if kind is Hello:
                 self._c["hellos"] += 1
                 rec = self._record(*key, promote=True)
+                rec.generates = body.generates
             elif kind is Heartbeat:
                 self._c["heartbeats"] += 1
                 if rec is None:  # e.g. its Hello was lost: a heartbeat announces it as well
@@ -818,6 +881,7 @@ class LearnerServer:
             rec.policy_version = body.policy_version
             if kind is Heartbeat:
                 rec.in_flight = body.in_flight
+                rec.started, rec.dropped = body.groups_started, body.groups_dropped
                 rec.metrics.update(body.metrics)
                 if body.groups_sent > rec.reported_sent:
                     rec.reported_sent = body.groups_sent
@@ -871,12 +935,16 @@ class ActorClient:
     """
 
     def __init__(self, cfg: TransportConfig, actor_id: str, *, policy_version: int = 0,
-                 validate_on_send: bool = False):
+                 validate_on_send: bool = False, generates: bool = True):
         self.cfg = cfg
         self.actor_id = actor_id
         self.incarnation = uuid.uuid4().hex
         self.validate_on_send = validate_on_send
+        self.generates = bool(generates)  # False: follows versions only (takes no share of admission)
         self._cond = threading.Condition()
+        self._admit_total: int | None = None  # Credit.admit_total (None: no capacity bound)
+        self._groups_started = 0   # groups started / dropped, reported by heartbeats
+        self._groups_dropped = 0
         self._granted = 0          # cumulative credit (only grows)
         self._sent = 0             # trajectory envelopes sent (= next seq); caller thread only
         self._caller_waiting = False
@@ -1074,6 +1142,22 @@ class ActorClient:
             return False
         return self._learner_version - my_version <= self._eta
 
+    def admit_room(self, started: int) -> int | None:
+        """How many more groups may be started by an incarnation that has started
+        ``started`` so far (the learner's capacity rule); None = no capacity bound."""
+        with self._cond:
+            return None if self._admit_total is None else max(self._admit_total - int(started), 0)
+
+    def wait_admit_room(self, started: int, timeout: float | None = None) -> bool:
+        """Block until ``admit_room(started)`` is positive (or unbounded); False on
+        timeout, shutdown or close."""
+        def room():
+            return self._admit_total is None or self._admit_total > started
+
+        with self._cond:
+            self._cond.wait_for(lambda: room() or self._shutdown_reason is not None or self._closed, timeout)
+            return room() and self._shutdown_reason is None
+
     def wait_admitted(self, my_version: int, timeout: float | None = None) -> bool:
         """Block until ``admitted(my_version)``; False on timeout or shutdown."""
         with self._cond:
@@ -1109,9 +1193,15 @@ class ActorClient:
             return self._cond.wait_for(lambda: self._shutdown_reason is not None, timeout)
 
     def set_state(self, policy_version: int | None = None, in_flight: int | None = None,
-                  metrics: dict[str, float] | None = None) -> None:
-        """State reported by the next heartbeat (weights held, groups in flight, metrics)."""
+                  metrics: dict[str, float] | None = None, groups_started: int | None = None,
+                  groups_dropped: int | None = None) -> None:
+        """State reported by the next heartbeat (weights held, groups in flight, metrics,
+        groups started and dropped: cumulative, for the learner's admission accounting)."""
         with self._cond:
+            if groups_started is not None:
+                self._groups_started = int(groups_started)
+            if groups_dropped is not None:
+                self._groups_dropped = int(groups_dropped)
             if policy_version is not None:
                 self._policy_version = int(policy_version)
             if in_flight is not None:
@@ -1143,14 +1233,15 @@ class ActorClient:
     def _heartbeat(self) -> Heartbeat:
         with self._cond:
             return Heartbeat(policy_version=self._policy_version, in_flight=self._in_flight,
-                             groups_sent=self._sent, metrics=dict(self._metrics))
+                             groups_sent=self._sent, metrics=dict(self._metrics),
+                             groups_started=self._groups_started, groups_dropped=self._groups_dropped)
 
     def _control_loop(self) -> None:
         poller = zmq.Poller()
         poller.register(self._ctrl, zmq.POLLIN)
         poller.register(self._wake.rx, zmq.POLLIN)
         self._ctrl_send(Hello(policy_version=self._policy_version, pid=os.getpid(),
-                              host=_socket.gethostname()[:256]))
+                              host=_socket.gethostname()[:256], generates=self.generates))
         hb = self.cfg.heartbeat_s
         next_hb = time.monotonic() + hb
         while True:
@@ -1202,6 +1293,7 @@ class ActorClient:
             if kind is Credit:
                 self._granted = max(self._granted, body.granted_total)
                 self._eta = body.max_staleness
+                self._admit_total = body.admit_total
                 self._learner_version = max(self._learner_version or 0, body.policy_version)
                 self._c["credit_msgs"] += 1
             elif kind is PolicyUpdate:

@@ -11,6 +11,20 @@ Contract
   batch takes the oldest first. Staleness is re-checked when a group leaves the buffer.
 - ``next_batch(n, current_version)`` returns n groups, blocking until they exist, and the
   seconds it waited (the learner's wait-for-data time).
+- Admission (``groups_per_step`` = B given): the capacity rule of AReaL. At learner version v
+  the learner will have consumed v·B groups; groups started from now on may be used up to
+  version v + η, so at most (η + v + 1)·B groups may ever be accepted or outstanding. The
+  budget handed to the server (``server.set_admission``) is that bound minus the groups
+  accepted so far: (η + 1)·B − buffered − already taken for the batch being built. It is
+  renewed whenever a group is accepted or taken and when the version advances; filtered,
+  truncated and stale groups use no room (they free it when they arrive). Because the
+  accuracy filter will discard a share of what is generated, the room is divided by the
+  recent keep rate p (kept / (kept + filtered + truncated) over the last ``KEEP_WINDOW``
+  groups, floored at ``MIN_KEEP_RATE``; 1 until ``KEEP_WARMUP`` groups are seen), so that the
+  outstanding groups are expected to fill it — without this a synchronous run (η = 0)
+  would refill its last few slots one small generation at a time. With admission the
+  ``stale`` backstop catches the variance of the filter and groups from actors that
+  started before hearing of a new version.
 Not covered: credits and transport accounting (the server's), sharding to ranks.
 """
 
@@ -22,9 +36,14 @@ import time
 import numpy as np
 
 
+KEEP_WINDOW = 256    # groups in the keep-rate estimate [groups]
+KEEP_WARMUP = 16     # groups seen before the estimate is used [groups]
+MIN_KEEP_RATE = 0.1  # floor of the estimate (bounds the inflation to 10x) [fraction]
+
+
 class Ingest:
     def __init__(self, server, max_staleness: int, filter_low: float, filter_high: float,
-                 drop_truncated: bool = False, max_buffered: int = 1024):
+                 drop_truncated: bool = False, max_buffered: int = 1024, groups_per_step: int | None = None):
         self.server = server
         self.eta = max_staleness
         self.low, self.high = filter_low, filter_high
@@ -32,6 +51,29 @@ class Ingest:
         self.buffer: collections.deque = collections.deque()
         self.max_buffered = max_buffered
         self.counts = collections.Counter()
+        self.groups_per_step = groups_per_step  # B; None = no capacity admission
+        self._kept_recent: collections.deque = collections.deque(maxlen=KEEP_WINDOW)  # 1 kept, 0 filtered
+
+    def keep_rate(self) -> float:
+        """Recent share of groups the filters keep (staleness aside); 1.0 until KEEP_WARMUP."""
+        if len(self._kept_recent) < KEEP_WARMUP:
+            return 1.0
+        return max(sum(self._kept_recent) / len(self._kept_recent), MIN_KEEP_RATE)
+
+    def admission_budget(self, taken: int = 0) -> int | None:
+        """⌈((η + 1)·B − buffered − ``taken``) / keep rate⌉ (``taken``: groups already taken
+        for the batch being built); None without admission."""
+        if self.groups_per_step is None:
+            return None
+        room = max((self.eta + 1) * self.groups_per_step - len(self.buffer) - taken, 0)
+        return int(np.ceil(room / self.keep_rate() - 1e-9))
+
+    def update_admission(self, taken: int = 0) -> None:
+        """Hand the current budget to the server (if it takes one)."""
+        budget = self.admission_budget(taken)
+        setter = getattr(self.server, "set_admission", None)
+        if budget is not None and setter is not None:
+            setter(budget)
 
     @staticmethod
     def oldest_version(group) -> int:
@@ -48,9 +90,12 @@ class Ingest:
             self.counts["stale"] += 1
         elif self.drop_truncated and any(r.finish_reason == "length" for r in group.responses):
             self.counts["truncated"] += 1
+            self._kept_recent.append(0)
         elif not (self.low - 1e-9 <= acc <= self.high + 1e-9):
             self.counts["filtered"] += 1
+            self._kept_recent.append(0)
         else:
+            self._kept_recent.append(1)
             if len(self.buffer) >= self.max_buffered:
                 self.buffer.popleft()
                 self.counts["overflow"] += 1
@@ -72,12 +117,18 @@ class Ingest:
                     out.append(g)
             if len(out) >= n or should_stop():
                 break
+            self.update_admission(taken=len(out))
             env = self.server.recv_group(timeout=poll_s)
             if env is not None:
                 self._accept(env.body, current_version)
+        self.update_admission(taken=len(out))  # until the next call: these n are spoken for
         return out, time.perf_counter() - t0
 
     def metrics(self) -> dict[str, float]:
         m = {f"system/groups_{k}": float(v) for k, v in self.counts.items()}
         m["system/groups_buffered"] = float(len(self.buffer))
+        m["system/keep_rate"] = self.keep_rate()
+        budget = self.admission_budget()
+        if budget is not None:
+            m["system/admission_budget"] = float(budget)
         return m

@@ -283,7 +283,10 @@ class Learner:
             if self.server is not None:
                 p = cfg.prime
                 self.ingest = Ingest(self.server, cfg.async_.max_staleness, p.filter_low, p.filter_high,
-                                     p.drop_truncated, cfg.batch.max_buffered_groups)
+                                     p.drop_truncated, cfg.batch.max_buffered_groups,
+                                     groups_per_step=cfg.batch.prompts_per_step
+                                     if cfg.async_.admission == "capacity" else None)
+                self.ingest.update_admission()
 
     # ------------------------------------------------------------- checkpoints
 
@@ -328,6 +331,7 @@ class Learner:
             self.ingest.counts.update(s.get("ingest_counts", {}))
             for t in s.get("buffer", []):
                 self.ingest.buffer.append(schema.decode(tensor_to_bytes(t)).body)
+            self.ingest.update_admission()  # the restored buffer holds room
         return True
 
     # ------------------------------------------------------------------ weights
@@ -418,7 +422,9 @@ def run_learner(cfg: PrimeRunConfig, steps: int | None = None) -> dict[str, floa
     rank, _ = world()
     server = sender = logger = None
     if rank == 0:
-        server = LearnerServer(cfg.transport, max_staleness=cfg.async_.max_staleness).start()
+        # capacity admission: nobody starts a group before the learner has set its budget
+        server = LearnerServer(cfg.transport, max_staleness=cfg.async_.max_staleness,
+                               admission_budget=0 if cfg.async_.admission == "capacity" else None).start()
         handle = f"prime-{os.getpid()}"
         sender = sender_from_config(cfg.async_, num_receivers=0, channel=handle)
         logger = MetricsLogger(cfg.run.output_dir, cfg.logging.tensorboard, cfg.logging.console)

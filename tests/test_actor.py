@@ -251,6 +251,33 @@ def test_admission_blocks_until_within_eta(tmp_path, model_dir, pool, shm_channe
         receiver.close()
 
 
+def test_capacity_admission_bounds_the_groups_started(tmp_path, model_dir, pool):
+    cfg = make_cfg()
+    server, tcfg = make_server(cfg, max_staleness=1, admission_budget=3)
+    prompts = PromptSource(prompt_file(tmp_path, n=12))
+    actor, engine, client = start_actor(cfg, tcfg, model_dir, pool, prompts, prompts_per_batch=4)
+    thread, out = run_in_thread(actor)
+    try:
+        got = recv_groups(server, 3)  # a batch of min(4, room 3) prompts
+        server.set_admission(0)  # the learner accepted them: 3 - 3
+        assert server.recv_group(timeout=1.5) is None  # no room is left
+        assert actor.stats["groups_started"] == 3 and actor.stats["groups_sent"] == 3
+        server.set_admission(5)  # after a step: room for 5 more
+        got += recv_groups(server, 5)
+        server.set_admission(0)
+        assert server.recv_group(timeout=1.5) is None
+        assert actor.stats["groups_started"] == 8  # batches of 4 + 1: never over the room
+        assert [g.body.prompt_id for g in got] == [f"p{i}" for i in range(8)]
+        # started and dropped reach the learner through the heartbeat
+        rec = server._incs[(client.actor_id, client.incarnation)]
+        assert rec.started == 8 and rec.dropped == 0
+    finally:
+        actor.request_stop()
+        thread.join(timeout=30)
+        assert server.counters()["rejected"] == 0
+        server.close()
+
+
 def test_sigterm_stops_cleanly_and_restart_resumes_cursor(tmp_path, model_dir, pool):
     cfg = make_cfg()
     server, tcfg = make_server(cfg, max_staleness=1)

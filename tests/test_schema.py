@@ -189,9 +189,10 @@ def at(d, path):
 
 CASES = {
     "schema_version": [
-        mutate(lambda d: d.update(schema_version=2)),
+        mutate(lambda d: d.update(schema_version=SCHEMA_VERSION + 1)),
         # a newer sender with a field this version lacks: named by version, not by field
-        mutate(lambda d: d.update(schema_version=2, trace_id="x")),
+        mutate(lambda d: d.update(schema_version=SCHEMA_VERSION + 1, trace_id="x")),
+        mutate(lambda d: d.update(schema_version=SCHEMA_VERSION - 1)),  # an older peer
         mutate(lambda d: d.update(schema_version=0)),
     ],
     "malformed": [b"", b"\xc1", b"\x86", b"\xc1garbage bytes \x00\xff" * 3,

@@ -26,6 +26,7 @@ from common.schema import (
     Heartbeat,
     Hello,
     Int32Vector,
+    SCHEMA_VERSION,
     ProtocolError,
     Response,
     TrajectoryGroup,
@@ -261,6 +262,47 @@ def test_admission_with_eta_and_a_late_joiner_learns_the_version(server, client)
         srv.publish_policy(4, "shm", "again")
 
 
+def test_capacity_admission_exact_for_one_actor_whatever_its_heartbeats_say(server, client):
+    srv = server()
+    a = client(srv, "a")
+    assert a.admit_room(0) is None               # no budget set: the version rule alone
+    srv.set_admission(6)
+    assert wait_until(lambda: a.admit_room(0) == 6)
+    # it starts 4 and sends 2 (its heartbeat says started=4); the learner takes both
+    a.set_state(groups_started=4)
+    assert wait_until(lambda: srv._incs[("a", a.incarnation)].started == 4)
+    for i in range(2):
+        assert a.send_group(make_group(i), timeout=5)
+    assert [srv.recv_group(5).seq for _ in range(2)] == [0, 1]
+    # one kept (budget 6 -> 5), one filtered (no room used): admit = budget + dropped + taken = 5 + 0 + 2
+    srv.set_admission(5)
+    assert wait_until(lambda: a.admit_room(4) == 3)  # 7 - 4 started: 2 outstanding, room 3
+    # a dropped group (verifier error) frees its room once reported
+    a.set_state(groups_dropped=1)
+    assert wait_until(lambda: a.admit_room(4) == 4)
+    srv.set_admission(0)
+    assert wait_until(lambda: a.admit_room(4) == 0)
+    assert not a.wait_admit_room(4, timeout=0.2)
+    threading.Timer(0.2, lambda: srv.set_admission(3)).start()
+    assert a.wait_admit_room(4, timeout=5) and a.admit_room(4) == 2  # admit 3 + 1 dropped + 2 taken = 6; 6 - 4 started
+    srv.set_admission(None)
+    assert wait_until(lambda: a.admit_room(4) is None)
+
+
+def test_capacity_admission_is_shared_by_generating_actors_only(server, client):
+    srv = server()
+    srv.set_admission(7)
+    a, b = client(srv, "a"), client(srv, "b")
+    ev = client(srv, "evaluator", generates=False)
+    # room 7 over two generating actors: 4 to the first by id, 3 to the other; none to the evaluator
+    assert wait_until(lambda: (a.admit_room(0), b.admit_room(0)) == (4, 3))
+    assert ev.admit_room(0) is None
+    b.set_state(groups_started=3)  # b's 3 outstanding leave room 4: a 2, b 3 + 2
+    assert wait_until(lambda: (a.admit_room(0), b.admit_room(3)) == (2, 2))
+    b.close(linger_s=0.5)          # b leaves: its outstanding groups free their room again
+    assert wait_until(lambda: a.admit_room(0) == 7)
+
+
 def test_shutdown_reaches_every_actor_including_late_ones(server, client):
     srv = server()
     a, b = client(srv, "a"), client(srv, "b")
@@ -309,8 +351,8 @@ def fuzz_messages(n: int, seed: int = 0):
         return x.tobytes()
 
     field_mutations = [
-        lambda d: d.update(schema_version=rng.choice([0, 2, 3, 99, -1])),
-        lambda d: d.update(schema_version=2, shiny_new_field=True),
+        lambda d: d.update(schema_version=rng.choice([0, SCHEMA_VERSION - 1, SCHEMA_VERSION + 1, 99, -1])),
+        lambda d: d.update(schema_version=SCHEMA_VERSION + 1, shiny_new_field=True),
         lambda d: r0(d)["behav_logp"].update(data=lp(r0(d)["token_ids"]["shape"][0], np.nan)),
         lambda d: r0(d)["behav_logp"].update(data=lp(r0(d)["token_ids"]["shape"][0], rng.choice([np.inf, -np.inf]))),
         lambda d: r0(d)["behav_logp"].update(data=lp(r0(d)["token_ids"]["shape"][0], rng.uniform(0.01, 5))),

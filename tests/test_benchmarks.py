@@ -1,5 +1,6 @@
 """benchmarks/learner.py: the FLOPs model against hand arithmetic and the real module, and one
-short run of the real learner on CPU (the GPU figures come from the same script on a GPU)."""
+short run of the real learner on CPU (the GPU figures come from the same script on a GPU).
+benchmarks/staleness.py: its per-run figures against hand arithmetic."""
 
 import importlib.util
 from pathlib import Path
@@ -10,12 +11,16 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("bench_learner", ROOT / "benchmarks" / "learner.py")
+def _load(name):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "benchmarks" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+@pytest.fixture(scope="module")
+def bench():
+    return _load("learner")
 
 
 def test_matmul_params_hand_computed_and_equal_to_the_models_linear_weights(bench):
@@ -61,3 +66,30 @@ def test_one_short_run_of_the_real_learner_on_cpu(bench, tmp_path):
     assert step_flops == pytest.approx(phase_flops, rel=1e-9)
     assert 0 < out["step"]["mfu"] < 1  # 1 TFLOP/s stated; the tiny model reaches far less on CPU
     assert (tmp_path / "b.json").is_file()
+
+
+def test_staleness_run_figures_hand_computed():
+    fig = _load("staleness").run_figures
+    rows = [
+        {"time": 5.0, "time/wait_data_s": 4.0, "system/version_lag_mean": 0.0, "system/version_lag_max": 0.0},
+        {"time": 7.0, "time/wait_data_s": 1.0, "system/version_lag_mean": 0.5, "system/version_lag_max": 1.0,
+         "actor/tokens_per_s": 100.0},
+        {"time": 8.0, "time/wait_data_s": 0.5, "system/version_lag_mean": 1.0, "system/version_lag_max": 2.0,
+         "actor/tokens_per_s": 300.0},
+        {"time": 11.0, "time/wait_data_s": 0.25, "system/version_lag_mean": 0.0, "system/version_lag_max": 1.0,
+         "actor/tokens_per_s": 200.0, "system/groups_stale": 3.0, "system/groups_received": 40.0},
+    ]
+    evals = [{"accuracy": 0.5}, {"accuracy": 0.6}, {"accuracy": 0.7}, {"accuracy": 0.9}]
+    f = fig(rows, evals, skip=1, last_n=2)
+    # steady = rows 1..3: (11 - 7) / 2 steps = 2.0 s per step
+    assert f["s_per_step"] == pytest.approx(2.0, abs=1e-12)
+    # waits after the first steady row: (0.5 + 0.25) / 4 s = 0.1875
+    assert f["wait_data_share"] == pytest.approx(0.1875, abs=1e-12)
+    # lag: mean of 0.5, 1.0, 0.0 = 0.5; max over all rows 2
+    assert f["lag_mean"] == pytest.approx(0.5, abs=1e-12) and f["lag_max"] == 2.0
+    assert f["groups_stale"] == 3.0 and f["groups_received"] == 40.0
+    assert f["actor_tokens_per_s"] == 200.0  # median of 100, 300, 200
+    # accuracy: first 0.5; the last two (0.7 + 0.9) / 2 = 0.8
+    assert f["acc_start"] == 0.5 and f["acc_end"] == pytest.approx(0.8, abs=1e-12)
+    with pytest.raises(ValueError, match="need more"):
+        fig(rows[:2], evals, skip=1, last_n=2)

@@ -1,0 +1,100 @@
+"""learner/ingest.py against a real LearnerServer and ActorClient: the accuracy filter, the
+staleness backstop, the surplus buffer, and the capacity-admission budget it hands the server."""
+
+import time
+
+import numpy as np
+import pytest
+
+from common.config import TransportConfig
+from common.schema import Array, Response, TrajectoryGroup
+from common.transport import ActorClient, LearnerServer
+from learner.ingest import Ingest
+
+
+def group(pid: str, outcomes, version: int) -> TrajectoryGroup:
+    responses = [Response(token_ids=Array.from_numpy(np.array([5, 6, 7]), "int32"),
+                          behav_logp=Array.from_numpy(np.full(3, -1.0), "float32"),
+                          policy_version=Array.from_numpy(np.full(3, version), "int32"),
+                          finish_reason="stop", outcome_reward=float(o),
+                          verifier_status="correct" if o else "wrong") for o in outcomes]
+    return TrajectoryGroup(prompt_id=pid, prompt_tokens=Array.from_numpy(np.array([3, 4]), "int32"),
+                           responses=responses, policy_version=version, gen_s=0.1, verify_s=0.1)
+
+
+MIXED, ALL_RIGHT = (1, 0, 0, 1), (1, 1, 1, 1)
+
+
+@pytest.fixture
+def link():
+    cfg = TransportConfig(trajectory_addr="tcp://127.0.0.1:*", control_addr="tcp://127.0.0.1:*",
+                          heartbeat_s=0.05, peer_timeout_s=5.0, credit_window=16)
+    srv = LearnerServer(cfg, max_staleness=1, admission_budget=0).start()
+    cli = ActorClient(cfg.model_copy(update=dict(trajectory_addr=srv.trajectory_endpoint,
+                                                 control_addr=srv.control_endpoint)), "a").start()
+    assert cli.wait_ready(10)
+    yield srv, cli
+    cli.close(linger_s=0.2)
+    srv.close()
+
+
+def test_budget_filter_backstop_and_buffer(link):
+    srv, cli = link
+    ing = Ingest(srv, max_staleness=1, filter_low=0.2, filter_high=0.8, groups_per_step=2)
+    ing.update_admission()
+    assert srv._admission_budget == 4  # (η + 1)·B = 2·2, nothing accepted yet
+    for g in (group("a", MIXED, 0), group("b", ALL_RIGHT, 0), group("c", MIXED, 0), group("d", MIXED, 0)):
+        assert cli.send_group(g, timeout=5)
+    out, _ = ing.next_batch(2, current_version=0)
+    assert [g.prompt_id for g in out] == ["a", "c"]  # b filtered (accuracy 1.0 > 0.8)
+    assert (ing.counts["kept"], ing.counts["filtered"]) == (2, 1)
+    assert srv._admission_budget == 2  # 4 - the 2 taken for this step; the filtered one used none
+    # next step (version 1): d arrives, is kept and taken: 4 - 0 buffered - 1 taken = 3
+    out, _ = ing.next_batch(1, current_version=1)
+    assert [g.prompt_id for g in out] == ["d"] and srv._admission_budget == 3
+    # a version-0 group arriving at version 2 is over η = 1: the backstop drops and counts it
+    assert cli.send_group(group("e", MIXED, 0), timeout=5)
+    assert cli.send_group(group("f", MIXED, 2), timeout=5)
+    out, _ = ing.next_batch(1, current_version=2)
+    assert [g.prompt_id for g in out] == ["f"] and ing.counts["stale"] == 1
+    # surplus waits in the buffer and holds room: 4 - 1 buffered - 1 taken = 2 while it is built
+    assert cli.send_group(group("g", MIXED, 3), timeout=5)
+    assert cli.send_group(group("h", MIXED, 3), timeout=5)
+    deadline = time.monotonic() + 10
+    while ing.counts["received"] < 8 and time.monotonic() < deadline:
+        env = srv.recv_group(timeout=0.2)
+        if env is not None:
+            ing._accept(env.body, 3)
+    assert len(ing.buffer) == 2
+    out, _ = ing.next_batch(1, current_version=3)
+    assert [g.prompt_id for g in out] == ["g"] and len(ing.buffer) == 1
+    assert srv._admission_budget == 4 - 1 - 1
+
+
+def test_without_groups_per_step_no_budget(link):
+    srv, _ = link
+    ing = Ingest(srv, max_staleness=1, filter_low=0.2, filter_high=0.8)
+    assert ing.admission_budget() is None
+    ing.update_admission()
+    assert srv._admission_budget == 0  # untouched: the version rule alone is the caller's choice
+
+
+def test_budget_divided_by_the_recent_keep_rate():
+    ing = Ingest(None, max_staleness=1, filter_low=0.2, filter_high=0.8, groups_per_step=4)
+    for i in range(15):  # before KEEP_WARMUP (16) groups: no inflation
+        ing._accept(group(f"k{i}", MIXED if i % 2 else ALL_RIGHT, 0), 0)
+    assert ing.keep_rate() == 1.0
+    assert ing.admission_budget() == 8 - 7  # (η + 1)·B = 8 minus the 7 kept (odd i) in the buffer
+    ing._accept(group("k15", MIXED, 0), 0)  # 16 seen, 8 kept: p = 0.5
+    assert ing.keep_rate() == 0.5
+    assert ing.admission_budget() == 0      # 8 buffered fill (η + 1)·B
+    ing.buffer.clear()                       # (a step took them)
+    assert ing.admission_budget() == 16      # ⌈8 / 0.5⌉
+    assert ing.admission_budget(taken=3) == 10  # ⌈5 / 0.5⌉
+    for i in range(40):
+        ing._accept(group(f"f{i}", ALL_RIGHT, 0), 0)
+    assert ing.keep_rate() == pytest.approx(8 / 56, abs=1e-12)
+    assert ing.admission_budget() == 56  # ⌈8 / (8/56)⌉
+    for i in range(60):  # 8 / 116 = 0.069: floored at MIN_KEEP_RATE = 0.1
+        ing._accept(group(f"g{i}", ALL_RIGHT, 0), 0)
+    assert ing.keep_rate() == 0.1 and ing.admission_budget() == 80

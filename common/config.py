@@ -66,12 +66,23 @@ class ModelConfig(_Section):
         None, description="Path of the tokenizer; null = policy_path. [path]"
     )
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
-        "float32", description="Parameter dtype of the learner's models (CPU: float32). [dtype]"
+        "float32",
+        description="Compute dtype of the learner (autocast with DDP/plain models, FSDP2's MixedPrecisionPolicy param_dtype), parameter dtype of the frozen reference, and dtype of the weights published to the actors and of the final/ model (the serving dtype). float16 runs without loss scaling: prefer bfloat16. [dtype]",
+    )
+    master_dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32",
+        description="Dtype of the trainable models' (policy, PRM) parameters, gradients, optimiser state and checkpoints: float32 masters with dtype=bfloat16 is mixed precision (updates of lr 5e-7 survive); equal to dtype = train directly in that dtype. Must be float32 or equal to dtype. [dtype]",
     )
     parallel: Literal["ddp", "fsdp2"] = Field(
         "ddp",
         description="How the learner spreads its models over ranks: 'ddp' = policy and PRM replicated with DistributedDataParallel (world > 1), reference replicated; 'fsdp2' = policy, PRM and the frozen reference sharded with FSDP2 (fully_shard per decoder layer, then the root), whenever a process group exists (world >= 1). [enum]",
     )
+
+    @model_validator(mode="after")
+    def _precision(self):
+        if self.master_dtype not in ("float32", self.dtype):
+            raise ValueError(f"model.master_dtype ({self.master_dtype}) must be float32 or model.dtype ({self.dtype})")
+        return self
 
 
 class GenerationConfig(_Section):
@@ -185,10 +196,13 @@ class AsyncConfig(_Section):
     weight_sync_timeout_s: float = Field(120.0, gt=0.0, description="Deadline of one weight update. [s]")
     weight_sync_addr: str = Field(
         "127.0.0.1:29555",
-        description="host:port where the learner's rank 0 hosts the weight-sync group's store (nccl/gloo); every actor must reach it. [host:port]",
+        description="host:port where the learner's rank 0 hosts the weight-sync store (nccl/gloo); every actor and the evaluator must reach it, and the sockets of the gloo/NCCL pair groups between them and rank 0. [host:port]",
     )
     weight_sync_connect_timeout_s: float = Field(
-        600.0, gt=0.0, description="Deadline for every actor to join the weight-sync group at start-up (nccl/gloo; actors may still be starting vLLM). [s]"
+        600.0, gt=0.0, description="Deadline for one receiver (actor, evaluator) to join the learner's weight-sync sender, and how long a receiver keeps trying to reach a sender that went away before receive() fails (nccl/gloo). [s]"
+    )
+    weight_sync_liveness_s: float = Field(
+        10.0, gt=0.0, description="A weight-sync receiver whose heartbeat has not moved for this long is dropped from updates; it rejoins as a new member when it comes back (nccl/gloo). [s]"
     )
     weight_sync_bucket_mb: float = Field(
         512.0, gt=0.0, description="Largest packed bucket of one weight-sync collective or file region; a larger tensor gets its own. [MiB]"

@@ -1,5 +1,5 @@
-"""Weight sync (common/weight_sync.py): bit-exact delivery of mixed dtypes, odd shapes and a
-tied tensor between real processes over gloo and shm; versions in order; a flipped byte caught
+"""Weight sync (common/weight_sync/): bit-exact delivery of mixed dtypes, odd shapes and a
+tied tensor between real processes over shm; versions in order; a flipped byte caught
 by the checksum; a receiver or sender killed with SIGKILL turns into an error within the
 deadline on the other side; plus the shared packing/header/checksum code in-process."""
 
@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 import torch
 
-import common.weight_sync as ws
+from common.weight_sync import kernels, wire
+from common.weight_sync import shm as wshm
 from common.weight_sync import (
     WeightSyncChecksumError,
     WeightSyncError,
@@ -100,15 +101,12 @@ def kill_later(proc, after_s):
 
 
 def slow_down_sending(backend):
-    """Make every later update crawl (so a test can kill the sender in the middle of one):
-    gloo sleeps before each bucket's broadcast, shm before each segment it writes."""
-    if backend == "shm":
-        ws._SEG = 4096  # many small segments
-        fill = ws._Packer.fill
-        ws._Packer.fill = lambda self, lo, hi: (time.sleep(0.2), fill(self, lo, hi))[1]
-    else:
-        broadcast = ws._PGChannel._broadcast
-        ws._PGChannel._broadcast = lambda self, *a: (time.sleep(0.2), broadcast(self, *a))[1]
+    """Make every later shm update crawl (so a test can kill the sender in the middle of one):
+    sleep before each segment it writes."""
+    assert backend == "shm"
+    wshm._SEG = 4096  # many small segments
+    fill = kernels._Packer.fill
+    kernels._Packer.fill = lambda self, lo, hi: (time.sleep(0.2), fill(self, lo, hi))[1]
 
 
 def child_sender(backend, kw, versions, q, cmds):
@@ -157,51 +155,51 @@ def child_receiver(backend, kw, n, q):
 
 def test_pack_unpack_roundtrip_bit_exact_across_buckets():
     state = model_state(3, big=True)
-    pairs = ws._as_pairs(state)
-    entries, sizes, sources = ws._plan(pairs, bucket_bytes=4096)  # forces several buckets
-    assert len(sizes) > 2 and all(s % ws.ALIGN == 0 for s in sizes)
+    pairs = wire._as_pairs(state)
+    entries, sizes, sources = wire._plan(pairs, bucket_bytes=4096)  # forces several buckets
+    assert len(sizes) > 2 and all(s % wire.ALIGN == 0 for s in sizes)
     assert [e.tied_to for e in entries if e.name == "lm_head.weight"] == ["embed.weight"]
     bufs = [torch.full((s,), 0xAB, dtype=torch.uint8) for s in sizes]  # garbage padding must be zeroed
-    sums = [ws._pack(b, entries, sources, i) for i, b in enumerate(bufs)]
-    assert sums == [ws.checksum64(b) for b in bufs]
-    header = json.loads(ws._header_bytes(3, "inc", entries, sizes, sums))
-    h, decoded = ws._decode_header(json.dumps(header).encode())
+    sums = [kernels._pack(b, entries, sources, i) for i, b in enumerate(bufs)]
+    assert sums == [wire.checksum64(b) for b in bufs]
+    header = json.loads(wire._header_bytes(3, "inc", entries, sizes, sums))
+    h, decoded = wire._decode_header(json.dumps(header).encode())
     assert decoded == entries
-    ws._verify(bufs, h)
-    check_equal(ws._unpack(bufs, decoded), state)
+    kernels._verify(bufs, h)
+    check_equal(wire._unpack(bufs, decoded), state)
 
 
 def test_fused_copy_checksum_kernel_matches_numpy():
-    kernels = ws._load_fused()
-    if kernels is None:
+    fused_kernels = kernels._load_fused()
+    if fused_kernels is None:
         pytest.skip("numba kernel unavailable; the numpy path is used")
     state = model_state(5, big=True)
-    entries, sizes, sources = ws._plan(ws._as_pairs(state), bucket_bytes=1 << 30)
+    entries, sizes, sources = wire._plan(wire._as_pairs(state), bucket_bytes=1 << 30)
     (size,) = sizes
     a = torch.empty(size, dtype=torch.uint8)
     b = torch.empty(size, dtype=torch.uint8)
-    fused = ws._Packer(a, entries, sources, 0, fused=True)
-    plain = ws._Packer(b, entries, sources, 0, fused=False)
+    fused = kernels._Packer(a, entries, sources, 0, fused=True)
+    plain = kernels._Packer(b, entries, sources, 0, fused=False)
     cuts = sorted({0, size, *(int(x) * 8 for x in np.random.default_rng(0).integers(0, size // 8, 9))})
     got = [fused.fill(lo, hi) for lo, hi in zip(cuts, cuts[1:])]
     want = [plain.fill(lo, hi) for lo, hi in zip(cuts, cuts[1:])]
     assert got == want and torch.equal(a, b)
-    assert sum(got) & ws._MASK64 == ws.checksum64(a)
-    assert int(kernels.sum_words(a.numpy().view(np.uint64))) == ws.checksum64(a)
+    assert sum(got) & wire._MASK64 == wire.checksum64(a)
+    assert int(fused_kernels.sum_words(a.numpy().view(np.uint64))) == wire.checksum64(a)
 
 
 def test_checksum_catches_a_flipped_byte_anywhere():
     state = model_state(4)
-    entries, sizes, sources = ws._plan(ws._as_pairs(state), bucket_bytes=1 << 20)
+    entries, sizes, sources = wire._plan(wire._as_pairs(state), bucket_bytes=1 << 20)
     bufs = [torch.empty(s, dtype=torch.uint8) for s in sizes]
-    sums = [ws._pack(b, entries, sources, i) for i, b in enumerate(bufs)]
-    h, _ = ws._decode_header(ws._header_bytes(4, "inc", entries, sizes, sums))
+    sums = [kernels._pack(b, entries, sources, i) for i, b in enumerate(bufs)]
+    h, _ = wire._decode_header(wire._header_bytes(4, "inc", entries, sizes, sums))
     for pos in (0, 1, 7, 8, sizes[0] // 2, sizes[0] - 1):
         bufs[0][pos] ^= 0x10
         with pytest.raises(WeightSyncChecksumError, match="checksum"):
-            ws._verify(bufs, h)
+            kernels._verify(bufs, h)
         bufs[0][pos] ^= 0x10
-    ws._verify(bufs, h)
+    kernels._verify(bufs, h)
 
 
 @pytest.mark.parametrize("mutate, match", [
@@ -213,13 +211,13 @@ def test_checksum_catches_a_flipped_byte_anywhere():
     (lambda h: h["buckets"][0].__setitem__(1, -1), "bucket"),
 ])
 def test_header_is_validated_json(mutate, match):
-    entries, sizes, sources = ws._plan(ws._as_pairs(model_state(1)), bucket_bytes=1 << 20)
-    h = json.loads(ws._header_bytes(1, "inc", entries, sizes, [0] * len(sizes)))
+    entries, sizes, sources = wire._plan(wire._as_pairs(model_state(1)), bucket_bytes=1 << 20)
+    h = json.loads(wire._header_bytes(1, "inc", entries, sizes, [0] * len(sizes)))
     mutate(h)
     with pytest.raises(WeightSyncChecksumError, match=match):
-        ws._decode_header(json.dumps(h).encode())
+        wire._decode_header(json.dumps(h).encode())
     with pytest.raises(WeightSyncChecksumError, match="not JSON"):
-        ws._decode_header(b"\x80\x04\x95pickled")
+        wire._decode_header(b"\x80\x04\x95pickled")
 
 
 def test_shm_in_process_versions_recycling_and_copy(shm_channel):
@@ -283,129 +281,6 @@ def test_shm_stuck_receiver_is_a_timeout_within_the_deadline(shm_channel):
 # ------------------------------------------------------------- across real processes
 
 
-def test_gloo_roundtrip_in_order_then_sender_killed():
-    port = free_port()
-    kw = dict(addr=f"127.0.0.1:{port}", timeout_s=30, connect_timeout_s=START, bucket_mb=0.001)
-    q, cmds = CTX.Queue(), CTX.Queue()
-    p = CTX.Process(target=child_sender, args=("gloo", kw, [1, 2, 7, 8], q, cmds), daemon=True)
-    p.start()
-    r = None
-    try:
-        r = make_receiver("gloo", rank=1, num_receivers=1, timeout_s=DEADLINE, connect_timeout_s=START,
-                          addr=kw["addr"])
-        expect(q, "ready")
-        for v in (1, 2, 7):
-            cmds.put("go")
-            got_v, tensors = r.receive(timeout_s=START)
-            assert got_v == v  # every version, in order
-            assert r.last_stats.buckets > 2  # packed buckets, several collectives
-            check_equal(tensors, model_state(v))
-            assert expect(q, "sent") == (v,)
-        # v8 crawls bucket by bucket; the sender is killed in the middle of it
-        cmds.put("slow")
-        expect(q, "slow")
-        kill_later(p, 0.7)
-        t0 = time.monotonic()
-        with pytest.raises(WeightSyncError, match="bucket|unreachable|closed|timed out"):
-            r.receive(timeout_s=DEADLINE)
-        assert time.monotonic() - t0 <= DEADLINE + MARGIN
-    finally:
-        p.kill()
-        if r is not None:
-            r.close()
-
-
-def test_gloo_receiver_killed_mid_update_fails_sender_within_deadline():
-    port = free_port()
-    kw = dict(addr=f"127.0.0.1:{port}", timeout_s=30, connect_timeout_s=START)
-    q = CTX.Queue()
-    p = CTX.Process(target=child_receiver, args=("gloo", kw, 1, q), daemon=True)
-    p.start()
-    s = None
-    try:
-        s = make_sender("gloo", num_receivers=1, timeout_s=DEADLINE, connect_timeout_s=START, addr=kw["addr"])
-        expect(q, "ready")
-        s.send(model_state(1), 1)
-        assert expect(q, "received") == (1, True)
-        # the receiver takes no more updates and is killed while the sender is inside send()
-        kill_later(p, 0.5)
-        t0 = time.monotonic()
-        with pytest.raises(WeightSyncError) as err:
-            s.send(model_state(2, big=True), 2)
-        elapsed = time.monotonic() - t0
-        assert elapsed <= DEADLINE + MARGIN, (elapsed, err.value)
-        with pytest.raises(WeightSyncError, match="broken"):
-            s.send(model_state(3), 3)  # a broken group says so instead of hanging
-    finally:
-        p.kill()
-        if s is not None:
-            s.close()
-
-
-def test_gloo_checksum_rejection_reaches_the_sender_and_the_channel_goes_on(monkeypatch):
-    # both ends in this process (a thread each): a byte of the first update is flipped on arrival
-    addr = f"127.0.0.1:{free_port()}"
-    box = {}
-    joining = threading.Thread(target=lambda: box.setdefault("r", make_receiver(
-        "gloo", rank=1, num_receivers=1, timeout_s=20, connect_timeout_s=60, addr=addr)))
-    joining.start()
-    s = make_sender("gloo", num_receivers=1, timeout_s=20, connect_timeout_s=60, addr=addr)
-    joining.join()
-    r = box["r"]
-    verify = ws._verify
-
-    def flip_once(bufs, header, *a, **k):
-        if not box.get("flipped"):
-            box["flipped"] = True
-            bufs[0][3] ^= 0x04
-        return verify(bufs, header, *a, **k)
-
-    monkeypatch.setattr(ws, "_verify", flip_once)
-
-    def take(key):
-        try:
-            box[key] = r.receive(timeout_s=20)
-        except WeightSyncError as e:
-            box[key] = e
-
-    try:
-        t = threading.Thread(target=take, args=("first",))
-        t.start()
-        with pytest.raises(WeightSyncChecksumError, match="rejected"):
-            s.send(model_state(1), 1)
-        t.join()
-        assert isinstance(box["first"], WeightSyncChecksumError)
-        t = threading.Thread(target=take, args=("second",))
-        t.start()
-        s.send(model_state(2), 2)
-        t.join()
-        assert box["second"][0] == 2
-        check_equal(box["second"][1], model_state(2))
-    finally:
-        r.close()
-        s.close()
-
-
-def test_gloo_stuck_receiver_is_a_timeout_within_the_deadline():
-    port = free_port()
-    kw = dict(addr=f"127.0.0.1:{port}", timeout_s=30, connect_timeout_s=START)
-    q = CTX.Queue()
-    p = CTX.Process(target=child_receiver, args=("gloo", kw, 0, q), daemon=True)  # joins, never receives
-    p.start()
-    s = None
-    try:
-        s = make_sender("gloo", num_receivers=1, timeout_s=2.0, connect_timeout_s=START, addr=kw["addr"])
-        expect(q, "ready")
-        t0 = time.monotonic()
-        with pytest.raises(WeightSyncTimeout):
-            s.send(model_state(1), 1)
-        assert 2.0 - 0.1 <= time.monotonic() - t0 <= 2.0 + MARGIN
-    finally:
-        p.kill()
-        if s is not None:
-            s.close()
-
-
 def test_shm_roundtrip_corruption_recovery_then_sender_killed(shm_channel):
     kw = dict(channel=shm_channel[1], shm_dir=shm_channel[0], timeout_s=30)
     q, cmds = CTX.Queue(), CTX.Queue()
@@ -428,8 +303,8 @@ def test_shm_roundtrip_corruption_recovery_then_sender_killed(shm_channel):
             assert time.monotonic() < t_end
             time.sleep(0.01)
         with open(path, "r+b") as f:
-            pre = f.read(ws._PRE_SIZE)
-            payload = ws._PRE.unpack_from(pre)[4]
+            pre = f.read(wshm._PRE_SIZE)
+            payload = wshm._PRE.unpack_from(pre)[4]
             f.seek(payload + 40)
             byte = f.read(1)
             f.seek(payload + 40)
@@ -486,42 +361,3 @@ def test_shm_receiver_killed_mid_update_fails_sender_within_deadline(shm_channel
 
 
 # ---------------------------------------------------------------------------- GPU only
-
-
-def child_nccl_receiver(port, q):
-    try:
-        r = make_receiver("nccl", rank=1, num_receivers=1, timeout_s=30, connect_timeout_s=START,
-                          addr=f"127.0.0.1:{port}", device="cuda:1")
-        q.put(("ready",))
-        for _ in range(2):
-            v, tensors = r.receive(timeout_s=START)
-            assert all(t.device.type == "cuda" for t in tensors.values())
-            check_equal(to_device(tensors, "cpu"), model_state(v))
-            q.put(("received", v, True))
-        time.sleep(600)
-    except BaseException as e:  # noqa: BLE001
-        q.put(("crash", repr(e)))
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
-def test_nccl_roundtrip_and_dead_receiver():
-    port = free_port()
-    q = CTX.Queue()
-    p = CTX.Process(target=child_nccl_receiver, args=(port, q), daemon=True)
-    p.start()
-    s = make_sender("nccl", num_receivers=1, timeout_s=DEADLINE, connect_timeout_s=START,
-                    addr=f"127.0.0.1:{port}", device="cuda:0", bucket_mb=0.01)
-    try:
-        expect(q, "ready")
-        for v in (1, 2):
-            s.send(to_device(model_state(v), "cuda:0"), v)
-            assert expect(q, "received") == (v, True)
-        kill_later(p, 0.5)
-        t0 = time.monotonic()
-        with pytest.raises(WeightSyncError):
-            s.send(to_device(model_state(3), "cuda:0"), 3)
-        assert time.monotonic() - t0 <= DEADLINE + MARGIN
-    finally:
-        p.kill()
-        s.close()

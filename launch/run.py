@@ -3,6 +3,7 @@ processes, one live progress view; nothing is left running when it ends or is in
 
     python launch/run.py [--config FILE] [--steps N] [--output-dir DIR] [--nproc-per-node N] [key=value ...]
     python launch/run.py --selfcheck [--no-vllm]     # the setup self-check (common/selfcheck.py)
+    python launch/run.py --check [--config FILE] [key=value ...]   # check the config, ports, keys, GPUs (launch/check.py)
 
 Default config: configs/tiny.yaml, the embedded arithmetic task on CPU (common/local_run.py
 says what a run does and writes).
@@ -26,6 +27,7 @@ def parse(argv=None):
     ap.add_argument("--nproc-per-node", type=int, default=1, help="learner ranks (torchrun --nproc-per-node)")
     ap.add_argument("--selfcheck", action="store_true", help="run the setup self-check instead of training")
     ap.add_argument("--no-vllm", action="store_true", help="self-check: sample with torch instead of vLLM")
+    ap.add_argument("--check", action="store_true", help="check the config for this machine (launch/check.py --role local) instead of training")
     ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. prime.beta=0.1")
     args = ap.parse_args(argv)
     overrides = list(args.overrides)
@@ -42,6 +44,11 @@ def parse(argv=None):
 
 def main(argv=None):
     cfg, args = parse(argv)
+    if args.check:  # the children of a run work in ROOT: resolve relative paths there
+        from common.cluster_check import check_cluster, report
+
+        findings = check_cluster(cfg, "local", nproc_per_node=args.nproc_per_node, base=ROOT)
+        sys.exit(report(findings, title=f"{args.config} (one machine)"))
     import logging
 
     logging.basicConfig(level=cfg.logging.level, format="%(asctime)s %(name)s %(levelname)s %(message)s")

@@ -199,7 +199,7 @@ def run_evaluator_process(cfg) -> list[dict]:
             client = ActorClient(cfg.transport, EVALUATOR_ID, generates=False).start()
             try:
                 total = cfg.actors.total_slots or cfg.actors.num
-                receiver = AnnouncedReceiver(cfg, client, rank=total + 1, num_receivers=total + 1)
+                receiver = AnnouncedReceiver(cfg, client, rank=total + 1, num_receivers=total + 1, label=EVALUATOR_ID)
                 ev = Evaluator(cfg, engine, pool, tokenizer, items, client, receiver)
                 return ev.run()
             finally:

@@ -16,9 +16,11 @@ Contract
   learner restart, opens a new receiver).
 - Exit code 0 when the run ends normally (learner shutdown, prompts exhausted, SIGTERM);
   an exception propagates (non-zero exit) so the supervisor restarts the slot.
-Not covered: choosing GPUs (the supervisor sets ``CUDA_VISIBLE_DEVICES``), pg-based weight
-sync with restarts (a restarted actor cannot rejoin a fixed-size gloo/NCCL group; use shm on
-one host, or restart the group).
+- gloo/nccl weight sync: the receiver joins the learner's sender at
+  ``async.weight_sync_addr`` as soon as the first ``PolicyUpdate`` is heard, is caught up
+  with the newest weights, then takes every update in the background; a restarted process is
+  a new member (no fixed group size, nothing to restart on the learner).
+Not covered: choosing GPUs (the supervisor sets ``CUDA_VISIBLE_DEVICES``).
 """
 
 from __future__ import annotations
@@ -33,9 +35,10 @@ log = logging.getLogger(__name__)
 class AnnouncedReceiver:
     """A weight receiver that follows the newest ``PolicyUpdate``'s backend and handle."""
 
-    def __init__(self, cfg, client, rank: int, num_receivers: int):
+    def __init__(self, cfg, client, rank: int, num_receivers: int, label: str = ""):
         self.cfg, self.client = cfg, client
-        self.rank, self.num_receivers = int(rank), int(num_receivers)
+        self.rank, self.num_receivers = int(rank), int(num_receivers)  # shm lease ids
+        self.label = label
         self._rx = None
         self._key: tuple[str, str] | None = None
 
@@ -49,7 +52,8 @@ class AnnouncedReceiver:
         if self._rx is None or key != self._key:
             self.close()
             a = self.cfg.async_.model_copy(update={"weight_sync": upd.backend})
-            self._rx = receiver_from_config(a, rank=self.rank, num_receivers=self.num_receivers, channel=upd.handle)
+            self._rx = receiver_from_config(a, rank=self.rank, num_receivers=self.num_receivers, channel=upd.handle,
+                                            label=self.label)
             self._key = key
         return self._rx.receive(timeout_s=timeout_s, copy=copy)
 
@@ -104,7 +108,7 @@ def run_actor_process(cfg, slot: int) -> dict:
     try:
         with VerifierPool.from_config(cfg.verifier) as pool:
             client = ActorClient(cfg.transport, actor_id).start()
-            receiver = AnnouncedReceiver(cfg, client, rank=g + 1, num_receivers=total)
+            receiver = AnnouncedReceiver(cfg, client, rank=g + 1, num_receivers=total, label=actor_id)
             actor = Actor(cfg, actor_id, engine, pool, client, prompts, tokenizer=tokenizer, weight_receiver=receiver,
                           prompts_per_batch=acfg.prompts_per_batch, verifier_kind=acfg.verifier_kind,
                           stop_grace_s=acfg.stop_grace_s)

@@ -5,8 +5,9 @@ warm-up (cached in the test's tmp dir), a handful of RL steps.
 Checked: the run completes and prints the summary line; groups flowed (the learner
 received them and trained on them); versions advanced; the weights changed; the run
 directory is complete (resolved config, TensorBoard events, checkpoints, final policy with
-tokenizer, metrics and evaluation JSONL, plot, summary); an actor killed with SIGKILL mid-run
-is restarted and the run still completes; Ctrl-C (SIGINT) leaves no process of the run alive.
+tokenizer, metrics and evaluation JSONL, plot, summary); with weights over gloo, an actor
+killed with SIGKILL mid-run is restarted, rejoins the weight sync and the run still completes
+with the version lag within η + 1; Ctrl-C (SIGINT) leaves no process of the run alive.
 """
 
 import json
@@ -52,9 +53,19 @@ def launch(tmp_path, run_dir, steps, extra=()):
     return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=str(ROOT))
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def test_run_completes_with_an_actor_killed_midway(tmp_path):
+    # weights over gloo: the killed actor's restart joins the learner's sender as a new member
     run_dir = tmp_path / "run"
-    p = launch(tmp_path, run_dir, steps=6)
+    p = launch(tmp_path, run_dir, steps=6,
+               extra=["async.weight_sync=gloo", f"async.weight_sync_addr=127.0.0.1:{free_port()}"])
     killed = None
     try:
         deadline = time.monotonic() + 600
@@ -81,6 +92,10 @@ def test_run_completes_with_an_actor_killed_midway(tmp_path):
     assert [r["policy_version"] for r in rows] == [1, 2, 3, 4, 5, 6]
     assert rows[-1]["system/transport/received"] >= 6 * 4 and rows[-1]["system/transport/rejected"] == 0
     assert rows[-1]["system/transport/incarnations"] >= 3  # actor, its restart, the evaluator
+    # gloo members: the actor, its restart and the evaluator joined; lag within η + 1 throughout
+    assert rows[-1]["system/weight_sync/joined_total"] >= 3, rows[-1]
+    assert all(r["system/version_lag_max"] <= 1 + 1 for r in rows), [r["system/version_lag_max"] for r in rows]
+    assert rows[-1]["system/weight_sync/members"] >= 1
     for name in ("config.yaml", "metrics.jsonl", "eval.jsonl", "progress.png", "summary.json",
                  "final/config.json", "final/model.safetensors", "final/tokenizer.json", "sft/config.json"):
         assert (run_dir / name).is_file(), name

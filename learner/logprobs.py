@@ -1,14 +1,32 @@
 """Per-token log-probs of given sequences under a causal LM (teacher forcing).
 
-Contract: ``token_logprobs(model, input_ids, attention_mask, temperature)`` returns, for
-every position t >= 1, log softmax(logits_{t-1} / temperature)[input_ids_t], in float32,
-shape [B, L-1]. The same temperature as the sampler must be used, or the values are not
-the behaviour log-probs the actors report. Not covered: packing, sharding.
+Contract: ``token_logprobs(model, input_ids, attention_mask, temperature, compute_dtype)``
+returns, for every position t >= 1, log softmax(logits_{t-1} / temperature)[input_ids_t],
+in float32, shape [B, L-1]. The same temperature as the sampler must be used, or the values
+are not the behaviour log-probs the actors report. ``compute_dtype`` (bfloat16/float16)
+runs the forward under ``torch.autocast`` (``compute_context``: fp32 master parameters,
+low-precision matmuls); the logits are upcast to float32 before the log-softmax, which
+always runs in float32 outside autocast. Not covered: packing, sharding.
 """
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
+
+
+def compute_context(model: torch.nn.Module, device: torch.device, dtype: torch.dtype | None):
+    """The context a forward of ``model`` runs in: ``torch.autocast(device.type, dtype)``
+    for a low-precision ``dtype``; a null context for None/float32, and for FSDP2
+    (``fully_shard``) modules, whose ``MixedPrecisionPolicy`` already casts the parameters."""
+    if dtype is None or dtype == torch.float32:
+        return contextlib.nullcontext()
+    from torch.distributed.fsdp import FSDPModule
+
+    if isinstance(model, FSDPModule):
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
 
 
 def token_logprobs(
@@ -16,10 +34,12 @@ def token_logprobs(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     temperature: float = 1.0,
+    compute_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Args: input_ids, attention_mask: [B, L] (right-padded). Returns: [B, L-1] float32;
     entry t is the log-prob of input_ids[:, t+1]. Padding positions hold finite garbage."""
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()
-    logits = logits / temperature
+    with compute_context(model, input_ids.device, compute_dtype):
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    logits = logits[:, :-1].float() / temperature  # fp32 from here on (outside autocast)
     logp = torch.log_softmax(logits, dim=-1)
     return logp.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)

@@ -28,6 +28,11 @@ Contract
   (``prm_update``: after | before | none) -> process rewards -> returns/advantages ->
   π_old recomputed when ``loss.correction`` is not ``none`` -> policy mini-batch updates
   with gradient clipping. The caller bumps ``policy_version`` and broadcasts weights.
+- Precision (``compute_dtype``): with ``model.dtype`` bfloat16/float16 and float32
+  ``model.master_dtype``, the trainable models hold fp32 parameters (masters), gradients and
+  optimiser state; plain/DDP forwards run under ``torch.autocast(dtype)``, FSDP2 modules
+  cast through their ``MixedPrecisionPolicy`` instead. Log-softmax, losses and all
+  statistics are float32.
 Not covered: ingest/filtering/staleness (rank 0's job), wrapping/sharding the models,
 weight broadcast, checkpoints (``learner.trainer``).
 """
@@ -77,6 +82,13 @@ def is_sharded(model) -> bool:
     from torch.distributed.fsdp import FSDPModule
 
     return isinstance(model, FSDPModule)
+
+
+def compute_dtype(cfg: PrimeRunConfig) -> torch.dtype | None:
+    """The autocast dtype of the learner's forwards: ``model.dtype`` when the masters
+    (``model.master_dtype``) are wider, else None (the parameters are the compute dtype)."""
+    mc = cfg.model
+    return None if mc.dtype == mc.master_dtype else getattr(torch, mc.dtype)
 
 
 def shard_groups(num_groups: int, rank: int, world_size: int) -> list[int]:
@@ -130,7 +142,7 @@ def _dummy_logits_sum(model, like: torch.Tensor) -> torch.Tensor:
     """A real forward of one token (id 0) through ``model``: it runs the same collectives
     as any micro-batch. Callers multiply the result by 0."""
     ids = torch.zeros(1, 1, dtype=torch.long, device=like.device)
-    return model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits.float().sum()
+    return model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits.float().sum()  # FSDP2 only: no autocast
 
 
 def _clock(like: torch.Tensor) -> float:
@@ -148,14 +160,16 @@ def _no_sync(model, last: bool):
 
 
 @torch.no_grad()
-def batch_logprobs(model, batch: RolloutBatch, temperature: float, budget_tokens: int) -> torch.Tensor:
-    """[B, L-1] log-probs of every next token, micro-batched, no grad."""
+def batch_logprobs(model, batch: RolloutBatch, temperature: float, budget_tokens: int,
+                   compute_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """[B, L-1] log-probs of every next token, micro-batched, no grad; forwards autocast
+    to ``compute_dtype`` (see ``learner.logprobs.compute_context``)."""
     out = torch.zeros_like(batch.mask)
     mbs = _micro_batches(batch, budget_tokens)
     pad = _pad_count(model, len(mbs))  # FSDP2: match the other ranks' forwards
     for rows in mbs:
         sub = batch.take(rows)
-        lp = token_logprobs(model, sub.input_ids, sub.attention_mask, temperature)
+        lp = token_logprobs(model, sub.input_ids, sub.attention_mask, temperature, compute_dtype)
         out[rows, : lp.shape[1]] = lp
     for _ in range(pad):
         _dummy_logits_sum(model, batch.input_ids)
@@ -205,6 +219,7 @@ def prime_step(models: Models, batch: RolloutBatch, cfg: PrimeRunConfig, policy_
     pc = cfg.prime
     mask = batch.mask
     G_local = batch.num_groups
+    cdt = compute_dtype(cfg)
     m: dict[str, float] = {}
 
     def per_rank_groups(responses: int) -> int:
@@ -218,14 +233,14 @@ def prime_step(models: Models, batch: RolloutBatch, cfg: PrimeRunConfig, policy_
     q = None
     if use_prm:
         if models.ref is not None:
-            ref_lp = batch_logprobs(models.ref, batch, 1.0, budget)
+            ref_lp = batch_logprobs(models.ref, batch, 1.0, budget, cdt)
         else:  # ref = π_old at temperature 1
-            ref_lp = batch_logprobs(models.policy, batch, 1.0, budget)
+            ref_lp = batch_logprobs(models.policy, batch, 1.0, budget, cdt)
         q = torch.zeros_like(mask)
         prm_losses = []
 
         def prm_loss(model, micro, rows, normalizer, sub_ref):
-            lp = token_logprobs(model, micro.input_ids, micro.attention_mask, 1.0)
+            lp = token_logprobs(model, micro.input_ids, micro.attention_mask, 1.0, cdt)
             r = sub_ref[rows][:, : lp.shape[1]]
             loss = prm_ce_loss(lp, r, micro.mask, micro.outcome, pc.beta, normalizer=normalizer)
             return loss, implicit_process_rewards(lp.detach(), r, micro.mask)
@@ -247,7 +262,7 @@ def prime_step(models: Models, batch: RolloutBatch, cfg: PrimeRunConfig, policy_
                     idx = torch.as_tensor(rows)[mrows]
                     q[idx, : qq.shape[1]] = qq
         if pc.prm_update in ("before", "none"):
-            q = implicit_process_rewards(batch_logprobs(models.prm, batch, 1.0, budget), ref_lp, mask)
+            q = implicit_process_rewards(batch_logprobs(models.prm, batch, 1.0, budget, cdt), ref_lp, mask)
         if prm_losses:
             m["loss/prm_ce"] = float(_all_reduce(torch.tensor(sum(prm_losses) / len(prm_losses))) )
     t_prm = _clock(batch.mask)
@@ -273,7 +288,7 @@ def prime_step(models: Models, batch: RolloutBatch, cfg: PrimeRunConfig, policy_
     if cfg.loss.correction == "none":
         old_lp = batch.behav_logp
     else:
-        old_lp = batch_logprobs(models.policy, batch, temp, budget)
+        old_lp = batch_logprobs(models.policy, batch, temp, budget, cdt)
     t_old = _clock(batch.mask)
 
     # ----------------------------------------------------------------- policy update
@@ -281,7 +296,7 @@ def prime_step(models: Models, batch: RolloutBatch, cfg: PrimeRunConfig, policy_
     pol_losses, gnorms, pm = [], [], []
 
     def pol_loss(model, micro, rows, normalizer, sub_idx):
-        lp = token_logprobs(model, micro.input_ids, micro.attention_mask, temp)
+        lp = token_logprobs(model, micro.input_ids, micro.attention_mask, temp, cdt)
         T = lp.shape[1]
         idx = sub_idx[rows]
         loss, met = policy_loss(
@@ -349,4 +364,4 @@ def prime_step(models: Models, batch: RolloutBatch, cfg: PrimeRunConfig, policy_
     return m
 
 
-__all__ = ["Models", "prime_step", "shard_groups", "batch_logprobs", "concat", "is_sharded"]
+__all__ = ["Models", "prime_step", "shard_groups", "batch_logprobs", "compute_dtype", "concat", "is_sharded"]

@@ -11,6 +11,13 @@ Contract
   (``apply_fsdp2``: ``fully_shard`` on every decoder layer, then on the root) over a 1-D
   mesh of all ranks, at any world size >= 1 with a process group; without one (in-process,
   world 1) the models stay plain, as with ``ddp``. Optimisers are built after sharding.
+- Precision: the policy and the PRM are loaded in ``model.master_dtype`` (default float32:
+  fp32 master weights, gradients and AdamW state, so lr 5e-7 updates are not rounded away)
+  and compute in ``model.dtype``: autocast (``learner.step.compute_dtype``) for plain/DDP
+  models, ``MixedPrecisionPolicy(param_dtype=model.dtype, reduce_dtype=float32)`` for FSDP2.
+  The frozen reference is loaded in ``model.dtype`` (no optimiser). Weights published to
+  the actors and the final HF model (``save_final``) are cast to ``model.dtype``, the
+  serving dtype (``cast_weights``; tied weights stay tied); checkpoints hold the masters.
 - Whole weights are needed by ``publish`` (to the actors), the checkpoints and
   ``save_final``. With FSDP2 they are gathered with torch.distributed.checkpoint's
   ``get_model_state_dict`` / ``get_optimizer_state_dict`` (full_state_dict, cpu_offload:
@@ -31,7 +38,8 @@ Contract
   before any data is accepted); ``step`` counts PRIME steps. After a resume both are
   restored and the weights are re-published before new data is accepted.
 Not covered: the PRIME math (``learner.prime``), the step internals (``learner.step``),
-sharded (per-rank) checkpoint files, mixed-precision policies, CPU offload of parameters.
+sharded (per-rank) checkpoint files, loss scaling for float16 compute, CPU offload of
+parameters.
 """
 
 from __future__ import annotations
@@ -72,11 +80,18 @@ def _dtype(name: str) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
-def apply_fsdp2(model: torch.nn.Module, mesh) -> torch.nn.Module:
+def apply_fsdp2(model: torch.nn.Module, mesh, param_dtype: torch.dtype | None = None) -> torch.nn.Module:
     """Shard ``model`` in place with FSDP2: each decoder layer (the classes transformers
     lists in ``_no_split_modules``, else ``model.model.layers``) is its own unit, the root
-    unit holds the rest (embeddings, final norm, LM head). Returns the same object."""
-    from torch.distributed.fsdp import fully_shard
+    unit holds the rest (embeddings, final norm, LM head). ``param_dtype`` (e.g. bfloat16
+    over float32 masters): every unit gets ``MixedPrecisionPolicy(param_dtype,
+    reduce_dtype=float32)``: parameters are all-gathered and computed in ``param_dtype``,
+    gradients reduce-scattered in float32 into the float32 shards. Returns the same object."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    kw = {"mesh": mesh}
+    if param_dtype is not None:
+        kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
 
     names = set(getattr(model, "_no_split_modules", None) or ())
     layers = [mod for mod in model.modules() if type(mod).__name__ in names]
@@ -85,8 +100,8 @@ def apply_fsdp2(model: torch.nn.Module, mesh) -> torch.nn.Module:
     if not layers:
         log.warning("FSDP2: no decoder layers found in %s; sharding the root only", type(model).__name__)
     for layer in layers:
-        fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+        fully_shard(layer, **kw)
+    fully_shard(model, **kw)
     return model
 
 
@@ -94,17 +109,17 @@ def build_models(cfg: PrimeRunConfig, device: torch.device) -> Models:
     from transformers import AutoModelForCausalLM
 
     mc = cfg.model
-    dt = _dtype(mc.dtype)
+    dt, master = _dtype(mc.dtype), _dtype(mc.master_dtype)  # compute (and reference) / trainable
 
-    def load(path):
-        return AutoModelForCausalLM.from_pretrained(path, dtype=dt).to(device)
+    def load(path, dtype):
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
 
-    policy = load(mc.policy_path)
+    policy = load(mc.policy_path, master)
     use_prm = cfg.prime.use_process_rewards
-    prm = load(mc.prm_path) if use_prm and mc.prm_path else (copy.deepcopy(policy) if use_prm else None)
+    prm = load(mc.prm_path, master) if use_prm and mc.prm_path else (copy.deepcopy(policy) if use_prm else None)
     ref = None
     if use_prm and mc.ref == "sft":
-        ref = (load(mc.ref_path) if mc.ref_path else copy.deepcopy(policy)).requires_grad_(False).eval()
+        ref = (load(mc.ref_path, dt) if mc.ref_path else copy.deepcopy(policy).to(dt)).requires_grad_(False).eval()
 
     def adamw(params, o):
         return torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
@@ -114,7 +129,9 @@ def build_models(cfg: PrimeRunConfig, device: torch.device) -> Models:
         from torch.distributed.device_mesh import init_device_mesh
 
         mesh = init_device_mesh(device.type, (W,))
-        policy, prm, ref = (apply_fsdp2(m, mesh) if m is not None else None for m in (policy, prm, ref))
+        mp = dt if dt != master else None  # the reference's parameters are already in dt
+        policy, prm = (apply_fsdp2(m, mesh, mp) if m is not None else None for m in (policy, prm))
+        ref = apply_fsdp2(ref, mesh) if ref is not None else None
     elif mc.parallel == "fsdp2":
         log.info("model.parallel=fsdp2 without a process group: plain models (world 1)")
     elif W > 1:
@@ -122,6 +139,20 @@ def build_models(cfg: PrimeRunConfig, device: torch.device) -> Models:
         prm = torch.nn.parallel.DistributedDataParallel(prm) if prm is not None else None
     return Models(policy, prm, ref, adamw(policy.parameters(), cfg.optim.policy),
                   adamw(prm.parameters(), cfg.optim.prm) if prm is not None else None)
+
+
+def cast_weights(state: dict, dtype: torch.dtype) -> dict:
+    """``state``'s tensors detached on the CPU, floating-point ones cast to ``dtype`` (the
+    actors' / serving dtype). Entries that share memory (tied weights) stay one tensor, so
+    the weight sender and ``save_pretrained`` still see them as tied."""
+    out, done = {}, {}
+    for k, v in state.items():
+        v = v.detach()
+        key = (v.device, v.dtype, v.data_ptr(), tuple(v.shape), v.stride())
+        if key not in done:
+            done[key] = v.to("cpu", dtype) if v.is_floating_point() else v.to("cpu")
+        out[k] = done[key]
+    return out
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -346,7 +377,7 @@ class Learner:
         if self.sender is not None:
             if full is None:
                 full = unwrap(self.models.policy).state_dict()
-            state = {k: v.detach().to("cpu") for k, v in full.items()}
+            state = cast_weights(full, _dtype(self.cfg.model.dtype))  # masters -> the actors' dtype
             self.sender.send(state, self.policy_version)
         if self.server is not None:
             backend = self.cfg.async_.weight_sync
@@ -389,7 +420,9 @@ class Learner:
     def save_final(self) -> Path | None:
         """The policy in transformers format, with the tokenizer of ``model.tokenizer_path``
         (or ``policy_path``), under <run_dir>/final, written to final.tmp then renamed. Call
-        on every rank (FSDP2 gathers the whole weights; rank 0 writes)."""
+        on every rank (FSDP2 gathers the whole weights; rank 0 writes). The weights and the
+        config's ``dtype`` are ``model.dtype``, the serving dtype (the fp32 masters rounded,
+        as the actors get them); the masters themselves live in the checkpoints."""
         if not self.cfg.checkpoint.save_hf:
             return None
         full = full_state_dict(self.models.policy) if self.sharded else None
@@ -398,7 +431,12 @@ class Learner:
         out = self.run_dir / "final"
         tmp = self.run_dir / "final.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        unwrap(self.models.policy).save_pretrained(tmp, state_dict=full)
+        model = unwrap(self.models.policy)
+        dt = _dtype(self.cfg.model.dtype)
+        model.save_pretrained(tmp, state_dict=cast_weights(full if full is not None else model.state_dict(), dt))
+        conf = copy.deepcopy(model.config)  # save_pretrained records the masters' dtype; serving is dt
+        setattr(conf, "dtype" if hasattr(conf, "dtype") else "torch_dtype", self.cfg.model.dtype)
+        conf.save_pretrained(tmp)
         tok_dir = self.cfg.model.tokenizer_path or self.cfg.model.policy_path
         try:  # a loadable model directory carries its tokenizer (vLLM and transformers read it)
             from transformers import AutoTokenizer

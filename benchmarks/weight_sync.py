@@ -166,8 +166,7 @@ def pair_child(cmd_q, gloo_addrs, tcp_port, nbytes, threads, timeout_s, q):
 
 def bench_gloo_tcp(state, flat, paths, reps, threads, bucket_mbs, port, timeout_s):
     """Interleaved rounds of every path in ``paths`` (``gloo`` once per bucket size, ``tcp``,
-    ``tcp-fresh``)
-    between this process (sender) and one spawned child (receiver). Returns
+    ``tcp-fresh``) between this process (sender) and one spawned child (receiver). Returns
     {path: {"times": [...], "first": s, "stats": [(send SyncStats, receiver stats dict)]}}."""
     nbytes = unique_bytes(state)
     ctx = mp.get_context("spawn")

@@ -281,3 +281,23 @@ def test_nccl_roundtrip_and_dead_receiver():
     finally:
         p.kill()
         s.close()
+
+
+def test_gloo_receiver_reuses_released_buffers_never_held_ones():
+    addr = f"127.0.0.1:{free_port()}"
+    s = make_sender("gloo", addr=addr, timeout_s=20, connect_timeout_s=60, num_receivers=1, bucket_mb=0.001)
+    r = make_receiver("gloo", addr=addr, timeout_s=20, connect_timeout_s=60)
+    try:
+        s.send(model_state(1), 1)
+        _, held = r.receive(timeout_s=20)  # kept by the caller through the later updates
+        for v in range(2, 8):
+            assert s.send(model_state(v), v).receivers == 1
+            got_v, tensors = r.receive(timeout_s=20)
+            assert got_v == v
+            check_equal(tensors, model_state(v))
+            del tensors
+        check_equal(held, model_state(1))  # never overwritten
+        assert len(r._sets) <= 3  # released sets were reused, not one new set per update
+    finally:
+        r.close()
+        s.close()

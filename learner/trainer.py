@@ -289,6 +289,19 @@ def actor_metrics(info: dict[str, dict]) -> dict[str, float]:
     return out
 
 
+def weight_sync_metrics(sender, st) -> dict[str, float]:
+    """``system/weight_sync/*`` of one send: bytes, receivers served and failed; for gloo/nccl
+    also the members now and the sender's running counts (joined, dropped, catch-ups)."""
+    out = {"system/weight_sync/bytes": float(st.bytes), "system/weight_sync/receivers": float(st.receivers),
+           "system/weight_sync/failed": float(st.failed)}
+    counts = getattr(sender, "counts", None)
+    if counts is not None:
+        out["system/weight_sync/members"] = float(len(sender.members()))
+        for k in ("joined", "dropped", "catch_ups"):
+            out[f"system/weight_sync/{k}_total"] = float(counts[k])
+    return out
+
+
 class Learner:
     """Owns the run: models, optimisers, counters and (rank 0) the I/O side."""
 
@@ -374,15 +387,18 @@ class Learner:
         full = full_state_dict(self.models.policy) if self.sharded else None
         if self.rank != 0:
             return {}
+        out: dict[str, float] = {}
         if self.sender is not None:
             if full is None:
                 full = unwrap(self.models.policy).state_dict()
             state = cast_weights(full, _dtype(self.cfg.model.dtype))  # masters -> the actors' dtype
-            self.sender.send(state, self.policy_version)
+            st = self.sender.send(state, self.policy_version)
+            out.update(weight_sync_metrics(self.sender, st))
         if self.server is not None:
             backend = self.cfg.async_.weight_sync
             self.server.publish_policy(self.policy_version, backend, self.sync_handle, step=self.step)
-        return {"time/weight_sync_s": time.perf_counter() - t0}
+        out["time/weight_sync_s"] = time.perf_counter() - t0
+        return out
 
     # --------------------------------------------------------------------- loop
 
@@ -463,7 +479,8 @@ def run_learner(cfg: PrimeRunConfig, steps: int | None = None) -> dict[str, floa
         # capacity admission: nobody starts a group before the learner has set its budget
         server = LearnerServer(cfg.transport, max_staleness=cfg.async_.max_staleness,
                                admission_budget=0 if cfg.async_.admission == "capacity" else None).start()
-        handle = f"prime-{os.getpid()}"
+        handle = f"prime-{os.getpid()}"  # shm: the channel's folder; gloo/nccl: a new one per learner start
+        # gloo/nccl: actors and the evaluator join at async.weight_sync_addr whenever they come
         sender = sender_from_config(cfg.async_, num_receivers=0, channel=handle)
         logger = MetricsLogger(cfg.run.output_dir, cfg.logging.tensorboard, cfg.logging.console)
     learner = Learner(cfg, server, sender, logger, sync_handle=handle if rank == 0 else "")

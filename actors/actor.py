@@ -269,9 +269,15 @@ class Actor:
             self._fetched_for = -1
             return
         t0 = time.monotonic()
-        version, state = self.weight_receiver.receive(timeout_s=self.cfg.async_.weight_sync_timeout_s, copy=True)
-        if version > self.engine.policy_version:
-            self.engine.load_weights(state, version)
+        before = self.engine.policy_version
+        timeout = self.cfg.async_.weight_sync_timeout_s
+        if hasattr(self.weight_receiver, "update_engine"):  # follows the announcements (actors.process)
+            version = self.weight_receiver.update_engine(self.engine, timeout)
+        else:
+            version, state = self.weight_receiver.receive(timeout_s=timeout, copy=True)
+            if version > self.engine.policy_version:
+                self.engine.load_weights(state, version)
+        if self.engine.policy_version > before:
             self.stats["weight_updates"] += 1
         self.stats["weights_wait_s"] += time.monotonic() - t0
         self.client.set_state(policy_version=self.engine.policy_version)

@@ -33,7 +33,12 @@ log = logging.getLogger(__name__)
 
 
 class AnnouncedReceiver:
-    """A weight receiver that follows the newest ``PolicyUpdate``'s backend and handle."""
+    """A weight receiver that follows the newest ``PolicyUpdate``'s backend and handle.
+
+    ``update_engine(engine, timeout_s)`` brings an engine to the newest weights: an engine
+    with ``in_engine_sync`` (vLLM) under gloo/nccl and ``async.weight_sync_into_engine``
+    joins the sender from inside its workers and reloads from their own buffers; otherwise
+    this process receives (``receive``) and hands the tensors to ``engine.load_weights``."""
 
     def __init__(self, cfg, client, rank: int, num_receivers: int, label: str = ""):
         self.cfg, self.client = cfg, client
@@ -41,21 +46,41 @@ class AnnouncedReceiver:
         self.label = label
         self._rx = None
         self._key: tuple[str, str] | None = None
+        self._engine_key: tuple[str, str] | None = None  # the announcement the engine joined for
+
+    def _announced(self) -> tuple[str, str]:
+        upd = self.client.latest_update
+        if upd is None:
+            raise RuntimeError("no PolicyUpdate announced yet")
+        return upd.backend, upd.handle
 
     def receive(self, timeout_s: float | None = None, copy: bool = False):
         from common.weight_sync import receiver_from_config
 
-        upd = self.client.latest_update
-        if upd is None:
-            raise RuntimeError("no PolicyUpdate announced yet")
-        key = (upd.backend, upd.handle)
+        key = self._announced()
         if self._rx is None or key != self._key:
             self.close()
-            a = self.cfg.async_.model_copy(update={"weight_sync": upd.backend})
-            self._rx = receiver_from_config(a, rank=self.rank, num_receivers=self.num_receivers, channel=upd.handle,
+            a = self.cfg.async_.model_copy(update={"weight_sync": key[0]})
+            self._rx = receiver_from_config(a, rank=self.rank, num_receivers=self.num_receivers, channel=key[1],
                                             label=self.label)
             self._key = key
         return self._rx.receive(timeout_s=timeout_s, copy=copy)
+
+    def update_engine(self, engine, timeout_s: float) -> int:
+        """Load the newest weights into ``engine`` (if newer than its version); returns the
+        version the engine holds afterwards."""
+        key = self._announced()
+        a = self.cfg.async_
+        if key[0] in ("gloo", "nccl") and a.weight_sync_into_engine and getattr(engine, "in_engine_sync", False):
+            if self._engine_key != key:  # first time, or a new learner incarnation
+                engine.join_weight_sync(key[0], a.weight_sync_addr, timeout_s=a.weight_sync_timeout_s,
+                                        connect_timeout_s=a.weight_sync_connect_timeout_s, label=self.label)
+                self._engine_key = key
+            return engine.load_synced_weights(timeout_s)
+        version, state = self.receive(timeout_s=timeout_s, copy=True)
+        if version > engine.policy_version:
+            engine.load_weights(state, version)
+        return engine.policy_version
 
     def close(self) -> None:
         if self._rx is not None:

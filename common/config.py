@@ -201,6 +201,10 @@ class AsyncConfig(_Section):
     weight_sync_connect_timeout_s: float = Field(
         600.0, gt=0.0, description="Deadline for one receiver (actor, evaluator) to join the learner's weight-sync sender, and how long a receiver keeps trying to reach a sender that went away before receive() fails (nccl/gloo). [s]"
     )
+    weight_sync_into_engine: bool = Field(
+        True,
+        description="With gloo/nccl, a vLLM engine ('vllm') joins the learner's sender from inside its workers and reloads from their own buffers (NCCL: straight onto its GPU; no file, no copy through the actor process); false = the actor process receives and hands the weights over through /dev/shm. The transformers engine always receives in the actor process (on its device); 'vllm-async' too. [bool]",
+    )
     weight_sync_liveness_s: float = Field(
         10.0, gt=0.0, description="A weight-sync receiver whose heartbeat has not moved for this long is dropped from updates; it rejoins as a new member when it comes back (nccl/gloo). [s]"
     )

@@ -66,6 +66,7 @@ class Engine(ABC):
 
     kind: str = "abstract"
     inflight_updates: bool = False  # True: load_weights may be called while generate runs
+    in_engine_sync: bool = False  # True: join_weight_sync / load_synced_weights (gloo/NCCL into the engine)
     eos_token_ids: list[int]  # ids that end a response (set by each backend)
 
     def __init__(self, policy_version: int = 0) -> None:
@@ -93,6 +94,17 @@ class Engine(ABC):
         check_version(self._policy_version, version)
         self._load_weights(weights)
         self._policy_version = int(version)
+
+    def join_weight_sync(self, backend: str, addr: str, *, timeout_s: float, connect_timeout_s: float,
+                         label: str) -> None:
+        """(``in_engine_sync`` engines) Join the learner's gloo/NCCL weight-sync sender from
+        inside the engine, so updates land in its own memory."""
+        raise NotImplementedError(f"{self.kind} engine takes weights through load_weights only")
+
+    def load_synced_weights(self, timeout_s: float) -> int:
+        """(``in_engine_sync`` engines) Load the newest update received since the last call if
+        it is newer than ``policy_version``; returns ``policy_version`` afterwards."""
+        raise NotImplementedError(f"{self.kind} engine takes weights through load_weights only")
 
     @abstractmethod
     def _load_weights(self, weights: Weights) -> None:

@@ -22,7 +22,12 @@ How: one offline ``vllm.LLM`` built with
   ``temperature=0`` is vLLM's greedy mode, whose processed log-probs are log_softmax of the
   unscaled logits (as in the HF backend).
 
-Not covered: in-flight updates (``actors.engines.vllm_async_engine``), NCCL weight transfer, sleep mode.
+- gloo/NCCL weight sync: ``join_weight_sync`` makes every worker a member of the learner's
+  sender; ``load_synced_weights`` reloads the newest update from the workers' own buffers
+  (no file, no copy through the actor process; NCCL lands on the GPU).
+
+Not covered: in-flight updates (``actors.engines.vllm_async_engine``, which takes weights
+through the actor process), sleep mode.
 """
 
 from __future__ import annotations
@@ -141,6 +146,30 @@ class VLLMEngine(Engine):
             self._reload([path])
         finally:
             os.unlink(path)
+
+    # ---------------------------------------------- gloo/NCCL weights into the workers
+    in_engine_sync = True
+
+    def join_weight_sync(self, backend: str, addr: str, *, timeout_s: float, connect_timeout_s: float,
+                         label: str) -> None:
+        """Every worker joins the learner's sender at ``addr`` (see ``vllm_worker``)."""
+        self.llm.collective_rpc("prime_sync_join", args=(backend, addr, float(timeout_s), float(connect_timeout_s),
+                                                         label))
+
+    def load_synced_weights(self, timeout_s: float) -> int:
+        """Load the newest update the workers received (waiting up to ``timeout_s`` for one not
+        taken before) if it is newer than the engine's version; returns the engine's version."""
+        res = self.llm.collective_rpc("prime_sync_load", args=(int(self._policy_version), float(timeout_s)))
+        versions = {int(v) for v, _ in res}
+        if len(versions) != 1:
+            raise RuntimeError(f"workers received different versions {sorted(versions)}")
+        (version,) = versions
+        if version > self._policy_version:
+            if not all(int(n) for _, n in res):
+                raise RuntimeError(f"weight reload loaded no tensors (per worker: {res})")
+            self.llm.reset_prefix_cache()
+            self._policy_version = version
+        return self._policy_version
 
     def _reload(self, paths: list[str]) -> None:
         counts = self.llm.collective_rpc("prime_reload_weights", args=(paths,))

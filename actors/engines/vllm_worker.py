@@ -16,9 +16,15 @@ What a reload does (the CPU build needs every step; on GPU the extra steps are h
    CPU build keeps computing logits from the old, pre-packed copy.
 The caller resets the prefix cache afterwards (cached KV blocks hold old-policy activations).
 
-Not covered: NCCL transfer, sharded (tensor-parallel) checkpoints beyond what vLLM's own
-loader handles, LoRA, quantised models. Importing this module must stay cheap: it is
-imported in every worker.
+Weight sync into the worker (``prime_sync_join`` / ``prime_sync_load``): with gloo/NCCL
+weight sync the worker itself joins the learner's sender as a member
+(``common.weight_sync.collective``), takes every update in the background into its own
+device memory (NCCL: the GPU, no host round trip) and, when the actor asks, reloads the
+newest one from those tensors through the same path as above. Each worker (tensor-parallel
+rank) is its own member and takes the whole state.
+
+Not covered: sharded (tensor-parallel) transfer (every worker receives everything), LoRA,
+quantised models. Importing this module must stay cheap: it is imported in every worker.
 """
 
 from __future__ import annotations
@@ -56,11 +62,45 @@ class WeightReloadExtension:
 
     def prime_reload_weights(self, paths: list[str]) -> int:
         """Load every tensor in ``paths`` in place; returns how many tensors were read."""
+        return self._prime_reload(_iter_files(paths))
+
+    # ---- gloo/NCCL weight sync straight into this worker (no file, no actor-process copy)
+
+    def prime_sync_join(self, backend: str, addr: str, timeout_s: float, connect_timeout_s: float, label: str) -> bool:
+        """Join the learner's weight-sync sender at ``addr`` from inside this worker; updates
+        then arrive in the background into this worker's device (NCCL: its GPU)."""
+        from common.weight_sync import make_receiver
+
+        self.prime_sync_close()
+        device = f"cuda:{torch.cuda.current_device()}" if backend == "nccl" else None
+        self._prime_rx = make_receiver(backend, addr=addr, timeout_s=timeout_s, connect_timeout_s=connect_timeout_s,
+                                       device=device, label=label)
+        return True
+
+    def prime_sync_load(self, min_version: int, timeout_s: float) -> list[int]:
+        """Wait up to ``timeout_s`` for an update not taken before; load it in place if its
+        version is newer than ``min_version``. Returns [version, tensors loaded (0: kept)]."""
+        rx = getattr(self, "_prime_rx", None)
+        if rx is None:
+            raise RuntimeError("prime_sync_load before prime_sync_join")
+        version, state = rx.receive(timeout_s=timeout_s)
+        if version <= min_version:
+            return [int(version), 0]
+        return [int(version), self._prime_reload(iter(state.items()))]
+
+    def prime_sync_close(self) -> bool:
+        rx = getattr(self, "_prime_rx", None)
+        self._prime_rx = None
+        if rx is not None:
+            rx.close()
+        return True
+
+    def _prime_reload(self, items: Iterator[tuple[str, torch.Tensor]]) -> int:
         count = 0
 
         def counted() -> Iterator[tuple[str, torch.Tensor]]:
             nonlocal count
-            for item in _iter_files(paths):
+            for item in items:
                 count += 1
                 yield item
 

@@ -42,3 +42,12 @@ def make_groups(n_groups, k=4, vocab=64, seed=0, version=0, logp_noise=0.0, resp
         groups.append(TrajectoryGroup(prompt_id=f"p{seed}-{g}", prompt_tokens=Array.from_numpy(prompt, "int32"),
                                       responses=responses, policy_version=version, gen_s=0.1, verify_s=0.01))
     return groups
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (for a test's store, transport or rendezvous)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

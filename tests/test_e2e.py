@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from synthetic import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -51,14 +52,6 @@ def launch(tmp_path, run_dir, steps, extra=()):
     args = [sys.executable, str(ROOT / "launch" / "run.py"), "--steps", str(steps), "--output-dir", str(run_dir),
             f"warmup.cache_dir={tmp_path / 'warmup-cache'}", *SMALL, *extra]
     return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=str(ROOT))
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_run_completes_with_an_actor_killed_midway(tmp_path):

@@ -11,11 +11,12 @@ garbled weights make it ~1e-2); every process exits.
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from synthetic import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,12 +27,6 @@ RUN = ["generation.engine=hf", "generation.max_tokens=48", "batch.prompts_per_st
        "batch.prm_mini_batch=16", "prime.filter_low=0.0", "prime.filter_high=1.0", "eval.every=0",
        "checkpoint.every=0", "logging.console=false", "actors.threads=1",
        "async.max_staleness=0"]  # on-policy: every token sampled by the newest weights the actors received
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_learner_nodes_two_separate_actors_curve_and_gloo(tmp_path):

@@ -7,7 +7,6 @@ gloo group) builds with a MixedPrecisionPolicy and trains the same way."""
 
 import json
 import os
-import socket
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -16,7 +15,7 @@ import torch
 import torch.multiprocessing as tmp
 
 sys.path.insert(0, str(Path(__file__).parent))
-from synthetic import make_groups, tiny_qwen2  # noqa: E402
+from synthetic import free_port, make_groups, tiny_qwen2  # noqa: E402
 
 from common.config import ConfigError, load_config  # noqa: E402
 
@@ -178,14 +177,6 @@ def test_checkpoint_keeps_fp32_masters_bit_exact_and_final_is_bf16(tmp_path):
     assert next(served.parameters()).dtype == torch.bfloat16
 
 
-def _port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
-
-
 def _fsdp_rank(rank, world, port, tmp_path):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
@@ -222,7 +213,7 @@ def _fsdp_rank(rank, world, port, tmp_path):
 
 def test_fsdp2_one_rank_mixed_precision_policy(tmp_path):
     _cfg(tmp_path)  # writes the tiny model once, in this process
-    tmp.start_processes(_fsdp_rank, args=(1, _port(), str(tmp_path)), nprocs=1, start_method="spawn")
+    tmp.start_processes(_fsdp_rank, args=(1, free_port(), str(tmp_path)), nprocs=1, start_method="spawn")
     out = torch.load(tmp_path / "fsdp2_precision.pt")
     print(f"\nFSDP2 (1 rank, gloo), lr 5e-7, 1 step: masters moved {out['moved']:.1%}")
     assert out["mp"] == ["torch.bfloat16", "torch.bfloat16"]

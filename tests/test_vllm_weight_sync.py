@@ -4,20 +4,13 @@ process. After an update the engine's log-probs equal the learner's recomputatio
 new weights (tied head included); an update that is not newer than the engine's version (a
 restarted learner resuming at an older one) is received but not loaded."""
 
-import socket
-
 import pytest
 import torch
 
 from actors.engines import make_engine
 from common.weight_sync import make_sender
+from synthetic import free_port
 from test_engines import TINY_PROMPTS, mean_abs_diff, perturbed, tiny_qwen2
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(autouse=True)

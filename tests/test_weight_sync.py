@@ -8,7 +8,6 @@ import multiprocessing as mp
 import os
 import signal
 import shutil
-import socket
 import threading
 import time
 import uuid
@@ -77,12 +76,6 @@ def shm_channel(tmp_path):
     channel = f"test-{uuid.uuid4().hex[:10]}"
     yield base, channel
     shutil.rmtree(os.path.join(base, f"prime-ws-{channel}"), ignore_errors=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def expect(q, kind, timeout=START):

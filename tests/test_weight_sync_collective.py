@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from common.weight_sync import WeightSyncError, collective, make_receiver, make_sender
-from test_weight_sync import START, check_equal, expect, free_port, kill_later, model_state, to_device
+from synthetic import free_port
+from test_weight_sync import START, check_equal, expect, kill_later, model_state, to_device
 
 DEADLINE = 3.0  # per-update deadline in the failure tests [s]
 MARGIN = 3.0  # slack on a busy shared 2-core box [s]

@@ -7,7 +7,9 @@ Contract
 
 1. Between generation batches, if the client has heard of a ``PolicyUpdate`` newer than the
    engine's version, the weights are received (``weight_receiver.receive``) and loaded with
-   ``engine.load_weights(state, version)``; the heartbeat state is updated.
+   ``engine.load_weights(state, version)``; the heartbeat state is updated. With
+   ``async.actor_lag`` = k > 0 (controlled staleness) every announced version is received
+   into a delay line and the engine loads the newest one at most k behind the announcement.
 2. Admission: no batch is started while ``learner_version - engine.policy_version > eta``
    (``client.admitted``), nor, when the learner sends a capacity bound (``async.admission:
    capacity``), beyond it: a batch takes at most ``client.admit_room(groups started)``
@@ -53,6 +55,7 @@ import logging
 import signal
 import threading
 import time
+from collections import deque
 import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -126,6 +129,8 @@ class Actor:
         self._batches = 0
         self._warned_no_receiver = False
         self._fetched_for = -1  # newest announced version a receive was done for
+        self._lag = int(cfg.async_.actor_lag)  # controlled staleness (0: load the newest)
+        self._delay: deque = deque()  # (version, weights) received, not loaded yet (actor_lag > 0)
         self._gen_thread: ThreadPoolExecutor | None = None  # in-flight mode only
         self.stats: dict[str, float] = {
             "groups_sent": 0, "groups_dropped_verifier": 0, "groups_dropped_stop": 0, "prompts_skipped": 0,
@@ -259,6 +264,9 @@ class Actor:
 
     def _maybe_update_weights(self) -> None:
         upd = self.client.latest_update
+        if upd is not None and self._lag:
+            self._update_lagged(upd.policy_version)
+            return
         if upd is None or upd.policy_version <= max(self.engine.policy_version, self._fetched_for):
             return
         self._fetched_for = upd.policy_version  # one receive per announcement
@@ -282,6 +290,28 @@ class Actor:
         self.stats["weights_wait_s"] += time.monotonic() - t0
         self.client.set_state(policy_version=self.engine.policy_version)
         log.info("actor %s: loaded policy version %d (%.2f s)", self.actor_id, version, time.monotonic() - t0)
+
+    def _update_lagged(self, announced: int) -> None:
+        """Controlled staleness (``async.actor_lag`` = k): take every announced version into a
+        delay line, and generate with the newest one that is at most ``announced - k``."""
+        t0 = time.monotonic()
+        if announced > self._fetched_for and self.weight_receiver is not None:
+            self._fetched_for = announced  # one receive per announcement
+            version, state = self.weight_receiver.receive(timeout_s=self.cfg.async_.weight_sync_timeout_s, copy=True)
+            if not self._delay or version > self._delay[-1][0]:
+                self._delay.append((version, state))
+        target = announced - self._lag
+        ready = [(v, w) for v, w in self._delay if self.engine.policy_version < v <= target]
+        if ready:
+            version, state = ready[-1]
+            self.engine.load_weights(state, version)
+            self.stats["weight_updates"] += 1
+            self.client.set_state(policy_version=version)
+            log.info("actor %s: loaded policy version %d, %d behind the announced %d (actor_lag)", self.actor_id,
+                     version, announced - version, announced)
+        while self._delay and (self._delay[0][0] <= self.engine.policy_version or len(self._delay) > self._lag + 1):
+            self._delay.popleft()
+        self.stats["weights_wait_s"] += time.monotonic() - t0
 
     def _generate(self, n: int) -> _Batch | None:
         gcfg = self.cfg.generation

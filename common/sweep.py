@@ -69,8 +69,10 @@ class Sweep:
         return [(cell, seed) for cell in self.cells for seed in self.seeds]
 
 
-def load_sweep(path: str | Path, seeds: list[int] | None = None, steps: int | None = None) -> Sweep:
-    """Read and validate a sweep file; ``seeds``/``steps`` override the file's."""
+def load_sweep(path: str | Path, seeds: list[int] | None = None, steps: int | None = None,
+               only: list[str] | None = None) -> Sweep:
+    """Read and validate a sweep file; ``seeds``/``steps`` override the file's, ``only``
+    keeps only those cells (and the target's reference cell)."""
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text())
@@ -111,6 +113,12 @@ def load_sweep(path: str | Path, seeds: list[int] | None = None, steps: int | No
             raise SweepError(f"{path}: target: give exactly one of from_cell and value")
         if target.from_cell is not None and target.from_cell not in cells:
             raise SweepError(f"{path}: target.from_cell: {target.from_cell!r} is not a cell")
+    if only is not None:
+        missing = [c for c in only if c not in cells]
+        if missing:
+            raise SweepError(f"--cells: no cell(s) {missing} in {path} (cells: {list(cells)})")
+        keep = set(only) | ({target.from_cell} if target is not None and target.from_cell else set())
+        cells = {k: v for k, v in cells.items() if k in keep}
     sweep = Sweep(raw.get("name") or path.stem, base, list(seeds), steps, {k: list(v) for k, v in cells.items()},
                   list(overrides), target)
     _check_overrides(sweep)

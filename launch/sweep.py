@@ -1,6 +1,6 @@
 """Ablation sweeps in one command (logic: common/sweep.py, common/sweep_report.py):
 
-    python launch/sweep.py SWEEP.yaml [--seeds 0,1,2] [--steps N] [--output-dir DIR]
+    python launch/sweep.py SWEEP.yaml [--seeds 0,1,2] [--steps N] [--cells a,b] [--output-dir DIR]
     python launch/sweep.py SWEEP.yaml --report DIR            # rebuild the report of finished runs
     python launch/sweep.py SWEEP.yaml --emit-slurm FILE [--output-dir DIR]   # one array task per run
 
@@ -23,6 +23,7 @@ def main(argv=None):
     ap.add_argument("sweep", help="sweep file (YAML), e.g. configs/sweeps/prime-vs-rloo.yaml")
     ap.add_argument("--seeds", help="comma-separated seeds (default: the file's)")
     ap.add_argument("--steps", type=int, help="learner steps per run (default: the file's)")
+    ap.add_argument("--cells", help="comma-separated cells to run (default: all; the target's reference cell is kept)")
     ap.add_argument("--output-dir", help="where runs and the report go (default: runs/sweeps/<name>)")
     ap.add_argument("--report", metavar="DIR", help="only rebuild the report from DIR's finished runs")
     ap.add_argument("--emit-slurm", metavar="FILE", help="write a SLURM array script (one task per run) and exit")
@@ -33,7 +34,8 @@ def main(argv=None):
 
     try:
         seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
-        sweep = load_sweep(args.sweep, seeds=seeds, steps=args.steps)
+        sweep = load_sweep(args.sweep, seeds=seeds, steps=args.steps,
+                           only=args.cells.split(",") if args.cells else None)
     except (SweepError, ValueError) as e:
         ap.exit(2, f"error: {e}\n")
     out = Path(args.report or args.output_dir or ROOT / "runs" / "sweeps" / sweep.name).resolve()

@@ -368,3 +368,41 @@ def test_prompt_source_reads_parquet_with_cursor(tmp_path):
     src.save()
     again = PromptSource(path, shard=1, num_shards=2, cursor_file=tmp_path / "cursor.json")
     assert [item[0] for _, item in again.next_batch(5)] == ["q5"]
+
+
+def test_actor_lag_generates_with_weights_k_versions_behind(tmp_path, model_dir, pool, shm_channel):
+    # async.actor_lag = 1: announced v1 -> keep v0; announced v2 -> load v1 (from the delay line)
+    cfg = make_cfg()
+    cfg = cfg.model_copy(update={"async_": cfg.async_.model_copy(update={"max_staleness": 2, "actor_lag": 1})})
+    server, tcfg = make_server(cfg, max_staleness=2)
+    shm_dir, channel = shm_channel
+    sender = make_sender("shm", num_receivers=0, channel=channel, shm_dir=shm_dir, timeout_s=20)
+    receiver = make_receiver("shm", rank=1, num_receivers=1, channel=channel, shm_dir=shm_dir, timeout_s=20)
+    prompts = PromptSource(prompt_file(tmp_path), loop=True)
+    actor, engine, client = start_actor(cfg, tcfg, model_dir, pool, prompts, receiver=receiver, prompts_per_batch=2)
+    thread, out = run_in_thread(actor)
+    try:
+        recv_groups(server, 2)
+        ref1, ref2 = tiny_qwen2(seed=1, vocab=VOCAB).eval(), tiny_qwen2(seed=2, vocab=VOCAB).eval()
+        sender.send(ref1.state_dict(), 1)
+        server.publish_policy(1, "shm", channel)
+        t0 = time.monotonic()
+        while actor._fetched_for < 1:  # the actor took v1 into its delay line
+            assert time.monotonic() - t0 < 30
+            time.sleep(0.05)
+        for env in recv_groups(server, 3):
+            check_group(env, 0)  # still v0: one behind the announced v1
+        assert engine.policy_version == 0
+        sender.send(ref2.state_dict(), 2)
+        server.publish_policy(2, "shm", channel)
+        later = recv_groups(server, 0, until=lambda e: e.body.policy_version == 1)
+        check_group(later[-1], 1)
+        check_logprobs(ref1, later[-1])  # v1's weights, kept while v2 was the newest
+        assert engine.policy_version == 1
+    finally:
+        actor.request_stop()
+        thread.join(timeout=30)
+        server.close()
+        sender.close()
+        receiver.close()
+    assert out["summary"]["weight_updates"] == 1

@@ -146,3 +146,10 @@ def test_cli_report_and_bad_file(tmp_path):
     bad = write(tmp_path, "cells: {a: ['prime.bta=1']}")
     r = subprocess.run([sys.executable, "launch/sweep.py", str(bad)], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 2 and "prime.bta" in r.stderr
+
+
+def test_only_some_cells_keeps_the_target_cell(tmp_path):
+    s = load_sweep(write(tmp_path, GOOD), only=["a"])
+    assert list(s.cells) == ["a", "b"]  # b is the target's reference
+    with pytest.raises(SweepError, match="--cells"):
+        load_sweep(write(tmp_path, GOOD), only=["zz"])

@@ -127,13 +127,31 @@ class PrimeConfig(_Section):
 
 class LossConfig(_Section):
     clip_eps: float = Field(0.2, gt=0.0, lt=1.0, description="PPO clip range ε on π_θ/π_old. [dimensionless]")
-    correction: Literal["none", "truncate", "mask"] = Field(
+    correction: Literal["none", "truncate", "mask", "seq_truncate", "seq_mask", "icepop", "decoupled"] = Field(
         "truncate",
-        description="Off-policy correction between behaviour μ and π_old: 'none', 'truncate' (TIS, weight min(π_old/μ, is_cap)), 'mask' (drop tokens with π_old/μ outside [1/is_cap, is_cap]). Not 'none' => π_old is recomputed by the learner (decoupled PPO). [enum]",
+        description=(
+            "Off-policy correction between behaviour μ and π_old, ρ = π_old/μ per token (formulas in learner/prime.py:importance_weights): "
+            "'none' = no weight, μ acts as π_old; "
+            "'truncate' = token TIS, weight min(ρ, is_cap); "
+            "'mask' = drop tokens with ρ outside [1/is_cap, is_cap]; "
+            "'seq_truncate' = sequence TIS, every token of a response weighted min(Π ρ, is_cap); "
+            "'seq_mask' = drop a whole response when its geometric-mean ρ, (Π ρ)^(1/n), is outside [is_low, is_high]; "
+            "'icepop' = IcePop, weight ρ on tokens with ρ in [is_low, is_high], 0 outside; "
+            "'decoupled' = AReaL's decoupled PPO, weight ρ (π_prox/μ) on tokens with ρ <= is_cap, 0 above (AReaL filters, truncate caps). "
+            "Not 'none' => π_old is recomputed by the learner (the proximal policy of decoupled PPO). [enum]"
+        ),
     )
-    is_cap: float = Field(2.0, ge=1.0, description="Importance-weight cap C. [dimensionless]")
+    is_cap: float = Field(2.0, ge=1.0, description="Importance-weight cap C of truncate, mask, seq_truncate and decoupled. [dimensionless]")
+    is_low: float = Field(0.5, ge=0.0, description="Lower bound of the accepted ratio band of icepop (token ρ) and seq_mask (geometric-mean sequence ρ); must be < 1; 0 = no lower bound. [dimensionless]")
+    is_high: float = Field(2.0, gt=0.0, description="Upper bound of the accepted ratio band of icepop (token ρ) and seq_mask (geometric-mean sequence ρ); must be > 1. [dimensionless]")
     kl_coef: float = Field(0.0, ge=0.0, description="Coefficient of a KL(π_θ‖π_ref) penalty (official script: 0). [dimensionless]")
     entropy_coef: float = Field(0.0, ge=0.0, description="Entropy bonus coefficient (official script: 0). [dimensionless]")
+
+    @model_validator(mode="after")
+    def _ratio_band(self):
+        if not (self.is_low < 1.0 < self.is_high):
+            raise ValueError(f"need loss.is_low < 1 < loss.is_high, got loss.is_low={self.is_low}, loss.is_high={self.is_high}")
+        return self
 
 
 class OptimizerConfig(_Section):

@@ -16,6 +16,7 @@ Not covered here: model forwards (log-prob computation), batching, sharding, opt
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
@@ -34,6 +35,9 @@ __all__ = [
     "masked_mean",
     "masked_whiten",
     "policy_loss",
+    "importance_weights",
+    "sequence_log_ratio",
+    "CORRECTIONS",
     "accuracy_filter",
 ]
 
@@ -294,6 +298,121 @@ def reinforce_returns(
 
 # ------------------------------------------------------------------------ §5 policy loss
 
+#: Off-policy corrections between the behaviour policy μ (the actor's sampler) and π_old
+#: (recomputed by the learner); ``policy_loss``'s ``correction`` and ``loss.correction``.
+CORRECTIONS = ("none", "truncate", "mask", "seq_truncate", "seq_mask", "icepop", "decoupled")
+Correction = Literal["none", "truncate", "mask", "seq_truncate", "seq_mask", "icepop", "decoupled"]
+_DROPPING = ("mask", "seq_mask", "icepop", "decoupled")  # modes that zero some tokens' weight
+
+
+def sequence_log_ratio(log_rho: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """log of the sequence importance ratio, S_i = Σ_t log ρ_{i,t} = log Π_t ρ_{i,t}, summed
+    over row i's response tokens only (a row of ``mask`` is one sequence).
+
+    Args: log_rho, mask: [B, T]. Returns: [B]; 0 for a row without response tokens.
+    Garbage (even ±inf) on padding does not enter the sum.
+    """
+    return zero_pad(log_rho, mask).sum(-1)
+
+
+def importance_weights(
+    old_logp: torch.Tensor,
+    behav_logp: torch.Tensor,
+    mask: torch.Tensor,
+    correction: Correction = "none",
+    is_cap: float = 2.0,
+    is_low: float = 0.5,
+    is_high: float = 2.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The per-token weight w_{i,t} that an off-policy correction puts on the PPO loss (§9).
+
+    ρ_{i,t} = exp(old_logp − behav_logp) = π_old/μ per token; S_i = Σ_t log ρ_{i,t} over row
+    i's response tokens (``sequence_log_ratio``); n_i = number of those tokens; 1[·] is 1 if
+    the condition holds, else 0; bounds are inclusive.
+      none:         w = 1.
+      truncate:     w_t = min(ρ_t, is_cap). Token-level truncated IS (TIS; Yao et al. 2025,
+                    "Your efficient RL framework secretly brings you off-policy RL training").
+      mask:         w_t = 1[1/is_cap ≤ ρ_t ≤ is_cap]. Token-level masking, symmetric band.
+      icepop:       w_t = ρ_t · 1[is_low ≤ ρ_t ≤ is_high]. IcePop (Ling Team 2025, Ring-1T
+                    report, "Every Step Evolves"): two-sided, asymmetric band; inside it the
+                    token keeps its importance weight ρ_t, as the paper's M(k) = k on
+                    [α, β], 0 outside (α = is_low, β = is_high).
+      decoupled:    w_t = ρ_t · 1[ρ_t ≤ is_cap]. AReaL's decoupled PPO (Fu et al. 2025,
+                    arXiv 2505.24298, Eq. 5): the proximal policy π_prox is our π_old, the
+                    clip acts on π_θ/π_prox (``policy_loss`` does that for every mode) and
+                    each token is weighted by the behaviour importance weight π_prox/μ = ρ_t.
+                    AReaL's cap (``behav_imp_weight_cap`` in its code) *filters*: a token
+                    whose weight exceeds the cap gets weight 0; it is not truncated to the
+                    cap. So ``decoupled`` is NOT ``truncate``: they agree exactly when no
+                    response token has ρ_t > is_cap, and differ on such tokens (truncate:
+                    is_cap, decoupled: 0). It also equals ``icepop`` with is_low = 0,
+                    is_high = is_cap. (The min(ρ, C) form of the decoupled objective is
+                    ``truncate``.)
+      seq_truncate: w_{i,t} = min(Π_t ρ_{i,t}, is_cap) = exp(min(S_i, log is_cap)) for every
+                    token of row i. Sequence-level truncated IS (Liu, Li et al. 2025, "When
+                    speed kills stability"): the unbiased sequence ratio, capped; computed
+                    in log space, so a long sequence can neither overflow nor NaN.
+      seq_mask:     w_{i,t} = 1[is_low ≤ exp(S_i / n_i) ≤ is_high] for every token of row i:
+                    the whole sequence is dropped when its *geometric-mean* ratio
+                    (Π_t ρ_{i,t})^{1/n_i} leaves the band (compared in log space:
+                    log is_low ≤ S_i/n_i ≤ log is_high). Geometric, not the product, because
+                    the product's log grows with length: a per-token drift of 1.001 over
+                    3000 tokens gives Π ρ ≈ e^3 ≈ 20, so a fixed band on the product drops
+                    long responses for a mismatch a short one would pass; the geometric
+                    mean is length-robust ("geometric" rejection sampling in Liu, Li et al.
+                    2025 / verl's rollout correction; GSPO's sequence ratio is the same mean).
+                    Weight 1 inside (a rejection, not a reweighting). A row with no
+                    response token has S/n := 0 (ratio 1).
+
+    Args: old_logp, behav_logp, mask: [B, T]; is_cap ≥ 1; 0 ≤ is_low < 1 < is_high.
+    Returns (all [B, T], detached, zero/False on padding):
+      w: the weight; dropped: bool, tokens the rule zeroes (only in mask, seq_mask, icepop,
+      decoupled); capped: bool, tokens whose weight was cut down to is_cap (truncate,
+      seq_truncate).
+    """
+    if correction not in CORRECTIONS:
+        raise ValueError(f"correction must be one of {CORRECTIONS}, got {correction!r}")
+    if is_cap < 1.0:
+        raise ValueError(f"is_cap must be >= 1, got {is_cap}")
+    if not (0.0 <= is_low < 1.0 < is_high):
+        raise ValueError(f"need 0 <= is_low < 1 < is_high, got is_low={is_low}, is_high={is_high}")
+    with torch.no_grad():
+        on = mask > 0
+        log_rho = zero_pad(old_logp.detach() - behav_logp.detach(), mask)
+        rho = torch.exp(log_rho)
+        no = torch.zeros_like(on)
+        dropped, capped = no, no
+        if correction == "none":
+            w = torch.ones_like(rho)
+        elif correction == "truncate":
+            w = torch.clamp(rho, max=is_cap)
+            capped = rho > is_cap
+        elif correction == "mask":
+            keep = (rho >= 1.0 / is_cap) & (rho <= is_cap)
+            w, dropped = keep.to(rho.dtype), ~keep
+        elif correction == "icepop":
+            keep = (rho >= is_low) & (rho <= is_high)
+            w, dropped = torch.where(keep, rho, torch.zeros_like(rho)), ~keep
+        elif correction == "decoupled":
+            keep = rho <= is_cap
+            w, dropped = torch.where(keep, rho, torch.zeros_like(rho)), ~keep
+        else:  # sequence level: one weight per row, on every token of the row
+            S = sequence_log_ratio(log_rho, mask)  # [B]
+            if correction == "seq_truncate":
+                log_cap = math.log(is_cap)
+                w_row = torch.exp(torch.clamp(S, max=log_cap))
+                capped = (S > log_cap)[:, None].expand_as(on)
+            else:  # seq_mask
+                n = on.to(S.dtype).sum(-1).clamp(min=1.0)
+                g = S / n  # log of the geometric-mean ratio
+                lo = -math.inf if is_low == 0.0 else math.log(is_low)
+                keep = (g >= lo) & (g <= math.log(is_high))
+                w_row = keep.to(S.dtype)
+                dropped = (~keep)[:, None].expand_as(on)
+            w = w_row[:, None].expand_as(rho)
+        w = zero_pad(w, mask)
+        return w, dropped & on, capped & on
+
 
 def policy_loss(
     logp: torch.Tensor,
@@ -302,66 +421,78 @@ def policy_loss(
     advantages: torch.Tensor,
     mask: torch.Tensor,
     clip_eps: float = 0.2,
-    correction: Literal["none", "truncate", "mask"] = "none",
+    correction: Correction = "none",
     is_cap: float = 2.0,
     normalizer: float | None = None,
+    is_low: float = 0.5,
+    is_high: float = 2.0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Importance-corrected PPO-clip loss, token-level mean over response tokens (§5, §9).
 
     ratio_t = exp(logp − old_logp);  ℓ_t = max(−A_t·ratio_t, −A_t·clip(ratio_t, 1−ε, 1+ε))
-    ρ_t = exp(old_logp − behav_logp) (π_old/μ, detached), and the per-token weight w_t:
-      none: 1;  truncate: min(ρ_t, is_cap);  mask: 1 if 1/is_cap ≤ ρ_t ≤ is_cap else 0.
+    ρ_t = exp(old_logp − behav_logp) (π_old/μ, detached), and the per-token weight w_t of
+    ``correction`` (formulas and sources in ``importance_weights``):
+      none: 1;  truncate: min(ρ_t, is_cap);  mask: 1[1/is_cap ≤ ρ_t ≤ is_cap];
+      icepop: ρ_t·1[is_low ≤ ρ_t ≤ is_high];  decoupled (AReaL): ρ_t·1[ρ_t ≤ is_cap];
+      seq_truncate: min(Π_t ρ_{i,t}, is_cap) on every token of row i;
+      seq_mask: 1[is_low ≤ (Π_t ρ_{i,t})^{1/n_i} ≤ is_high] on every token of row i.
+    Every mode other than none is a decoupled objective (π_old recomputed by the learner is
+    the proximal policy the clip acts on; μ enters only through w).
     loss = Σ_t w_t·ℓ_t·mask_t / Σ_t mask_t   (a masked token keeps its place in the
     denominator: masking zeroes its weight, it does not re-normalise the others).
     ``normalizer`` replaces Σ_t mask_t (a trainer splitting one mini-batch over micro-batches
-    or ranks passes the mini-batch's token count, so the pieces add up to the token mean).
+    or ranks passes the mini-batch's token count, so the pieces add up to the token mean;
+    the sequence modes need whole rows in each piece, which row-wise splitting gives).
 
-    Args: logp (with grad), old_logp, behav_logp, advantages, mask: [B, T].
-    Returns: (scalar loss, metrics). Metrics (0-dim detached tensors):
+    Args: logp (with grad), old_logp, behav_logp, advantages, mask: [B, T]; is_cap ≥ 1;
+    0 ≤ is_low < 1 < is_high (used by icepop and seq_mask).
+    Returns: (scalar loss, metrics). Metrics (0-dim detached tensors, means over response tokens):
       clip_frac: share of response tokens where the clipped term is the active one;
-      is_weight_mean: mean applied weight w; is_ratio_mean: mean raw ρ;
-      is_masked_frac: share of tokens with ρ outside [1/is_cap, is_cap] (what ``mask`` drops);
+      is_weight_mean: mean applied weight w (for the sequence modes, each sequence's weight
+      counted once per token); is_ratio_mean: mean raw token ρ;
+      is_masked_frac: share of tokens the mode drops (mask, icepop, decoupled: the tokens
+      outside the band; seq_mask: the tokens of the dropped sequences); for the modes that
+      drop nothing (none, truncate, seq_truncate) the diagnostic share of tokens with ρ
+      outside [1/is_cap, is_cap] (what ``mask`` would drop);
+      is_capped_frac: share of tokens whose weight was cut to is_cap (truncate: ρ_t > is_cap;
+      seq_truncate: tokens of sequences with Π ρ > is_cap; 0 otherwise);
       mismatch_kl: k3 estimate of KL(μ‖π_old) = mean((ρ − 1) − log ρ) over tokens from μ;
       ratio_mean: mean of ratio_t; approx_kl: k3 estimate of KL(π_old‖π_θ), mean((r − 1) − log r)
       with r = ratio_t.
     """
     if clip_eps <= 0:
         raise ValueError(f"clip_eps must be > 0, got {clip_eps}")
-    if is_cap < 1.0:
-        raise ValueError(f"is_cap must be >= 1, got {is_cap}")
     maskf = mask.to(logp.dtype)
     # zero the padding first: garbage (even ±inf) there must not reach the loss or the grads
     logp, old_logp, behav_logp, advantages = (
         zero_pad(t, mask) for t in (logp, old_logp, behav_logp, advantages)
     )
+    w, dropped, capped = importance_weights(
+        old_logp, behav_logp, mask, correction, is_cap=is_cap, is_low=is_low, is_high=is_high
+    )
+    w = w.to(logp.dtype)
     log_ratio = logp - old_logp
     ratio = torch.exp(log_ratio)
     loss_unclipped = -advantages * ratio
     loss_clipped = -advantages * torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
     per_token = torch.maximum(loss_unclipped, loss_clipped)
 
-    with torch.no_grad():
-        log_rho = (old_logp - behav_logp).to(logp.dtype)
-        rho = torch.exp(log_rho)
-        in_band = (rho >= 1.0 / is_cap) & (rho <= is_cap)
-        if correction == "none":
-            w = torch.ones_like(rho)
-        elif correction == "truncate":
-            w = torch.clamp(rho, max=is_cap)
-        elif correction == "mask":
-            w = in_band.to(rho.dtype)
-        else:
-            raise ValueError(f"correction must be 'none', 'truncate' or 'mask', got {correction!r}")
-
     den = maskf.sum().clamp(min=1.0) if normalizer is None else normalizer
     loss = (per_token * w * maskf).sum() / den
 
     with torch.no_grad():
+        log_rho = (old_logp - behav_logp).to(logp.dtype)
+        rho = torch.exp(log_rho)
+        if correction in _DROPPING:
+            masked = dropped
+        else:
+            masked = ~((rho >= 1.0 / is_cap) & (rho <= is_cap))
         metrics = {
             "clip_frac": masked_mean((loss_clipped > loss_unclipped).to(maskf.dtype), maskf),
             "is_weight_mean": masked_mean(w, maskf),
             "is_ratio_mean": masked_mean(rho, maskf),
-            "is_masked_frac": masked_mean((~in_band).to(maskf.dtype), maskf),
+            "is_masked_frac": masked_mean(masked.to(maskf.dtype), maskf),
+            "is_capped_frac": masked_mean(capped.to(maskf.dtype), maskf),
             "mismatch_kl": masked_mean((rho - 1.0) - log_rho, maskf),
             "ratio_mean": masked_mean(ratio.detach(), maskf),
             "approx_kl": masked_mean((ratio.detach() - 1.0) - log_ratio.detach(), maskf),

@@ -285,7 +285,7 @@ def prime_step(models: Models, batch: RolloutBatch, cfg: PrimeRunConfig, policy_
     adv = adv_all[rank * B_local : (rank + 1) * B_local][:, : mask.shape[1]]
 
     # ------------------------------------------------------------------- π_old
-    if cfg.loss.correction == "none":
+    if cfg.loss.correction == "none":  # every other correction weighs by π_old/μ: π_old recomputed
         old_lp = batch.behav_logp
     else:
         old_lp = batch_logprobs(models.policy, batch, temp, budget, cdt)
@@ -302,6 +302,7 @@ def prime_step(models: Models, batch: RolloutBatch, cfg: PrimeRunConfig, policy_
         loss, met = policy_loss(
             lp, old_lp[idx][:, :T], batch.behav_logp[idx][:, :T], adv[idx][:, :T], micro.mask,
             clip_eps=lc.clip_eps, correction=lc.correction, is_cap=lc.is_cap, normalizer=normalizer,
+            is_low=lc.is_low, is_high=lc.is_high,
         )
         return loss, (met, float(micro.mask.sum()))
 

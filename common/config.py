@@ -204,6 +204,10 @@ class AsyncConfig(_Section):
         1, ge=0,
         description="η: an actor may start a group only while its weights are at most η policy versions behind the learner; older finished groups are dropped and counted. 0 = synchronous. [policy versions]",
     )
+    actor_lag: int = Field(
+        0, ge=0,
+        description="Controlled staleness: when the learner announces version v, actors generate with the weights of version v − actor_lag (0 = the newest: the pipeline's natural lag), so a staleness ablation realises the lag it names whatever the machine's speed; the trained tokens' lag is then actor_lag plus the pipeline's own 0-1 versions (reported as system/version_lag_*). Actors keep up to actor_lag + 1 versions of the weights in memory. Must be < max_staleness. [policy versions]",
+    )
     admission: Literal["capacity", "version"] = Field(
         "capacity",
         description="How actors are admitted to start groups: 'capacity' = the version rule plus AReaL's capacity rule (at learner version v at most (η + v + 1)·B groups ever accepted or in flight, B = batch.prompts_per_step; over-stale drops become rare); 'version' = the version rule alone (actors generate freely; the learner drops what ages past η). [enum]",
@@ -409,6 +413,10 @@ class PrimeRunConfig(_Section):
         p = self.prime
         if p.filter_low > p.filter_high:
             raise ValueError(f"prime.filter_low ({p.filter_low}) must be <= prime.filter_high ({p.filter_high})")
+        a = self.async_
+        if a.actor_lag and a.actor_lag >= a.max_staleness:
+            raise ValueError(f"async.actor_lag ({a.actor_lag}) must be < async.max_staleness ({a.max_staleness}): "
+                             "groups sampled that far behind would age past η before they are trained")
         if self.prime.advantage in ("rloo", "grpo") and self.generation.k < 2:
             raise ValueError(f"generation.k must be >= 2 for prime.advantage={self.prime.advantage!r}")
         responses = self.batch.prompts_per_step * self.generation.k

@@ -153,3 +153,12 @@ def test_only_some_cells_keeps_the_target_cell(tmp_path):
     assert list(s.cells) == ["a", "b"]  # b is the target's reference
     with pytest.raises(SweepError, match="--cells"):
         load_sweep(write(tmp_path, GOOD), only=["zz"])
+
+
+@pytest.mark.parametrize("preset", sorted((ROOT / "configs" / "sweeps").glob("*.yaml")), ids=lambda p: p.stem)
+def test_presets_load_and_every_cell_is_a_valid_config(preset):
+    s = load_sweep(preset)  # each cell's overrides are checked against the config schema
+    assert len(s.seeds) >= 3 and s.target is not None
+    if preset.stem == "staleness":
+        assert {"eta0-sync", "eta4-none", "eta4-decoupled", "eta8-icepop"} <= set(s.cells)
+        assert "async.actor_lag=3" in s.cells["eta4-seq_mask"]

@@ -44,6 +44,8 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from learner.prime import CORRECTIONS  # noqa: E402
+
 # Model shapes (transformers Qwen2Config fields). qwen2-0.5b is Qwen2-0.5B's published shape.
 SHAPES = {
     "qwen2-0.5b": dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
@@ -139,7 +141,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--mini-batch", type=int, default=0, help="responses per optimiser step; 0 = the whole step [responses]")
     ap.add_argument("--micro-batch-tokens", type=int, default=8192 if gpu else 2048, help="[tokens]")
     ap.add_argument("--prm-update", choices=["after", "before", "none"], default="after")
-    ap.add_argument("--correction", choices=["none", "truncate", "mask"], default="truncate")
+    ap.add_argument("--correction", choices=list(CORRECTIONS), default="truncate")
     ap.add_argument("--weight-sync", choices=["shm", "none"], default="shm")
     ap.add_argument("--steps", type=int, default=3, help="timed steps [steps]")
     ap.add_argument("--warmup", type=int, default=1, help="untimed steps first [steps]")

@@ -171,7 +171,7 @@ def run_selfcheck(cfg: PrimeRunConfig, run_dir: str | Path, use_vllm: bool = Tru
     logp = token_logprobs(policy, ids, attn, temp)
     loss, m = policy_loss(
         logp, old, behav, adv, mask, clip_eps=cfg.loss.clip_eps, correction=cfg.loss.correction,
-        is_cap=cfg.loss.is_cap,
+        is_cap=cfg.loss.is_cap, is_low=cfg.loss.is_low, is_high=cfg.loss.is_high,
     )
     loss.backward()
     loss = loss.detach()

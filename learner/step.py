@@ -324,13 +324,14 @@ def prime_step(models: Models, batch: RolloutBatch, cfg: PrimeRunConfig, policy_
 
     # ------------------------------------------------------------------- metrics
     tok = float(mask.sum())
-    stats = torch.zeros(8, dtype=torch.float64)
+    stats = torch.zeros(9, dtype=torch.float64)
     stats[0] = sum(pol_losses)
     for met, n in pm:  # token-weighted sums of the policy-loss metrics
         stats[1] += float(met["clip_frac"]) * n
         stats[2] += float(met["is_weight_mean"]) * n
         stats[3] += float(met["mismatch_kl"]) * n
         stats[4] += float(met["is_masked_frac"]) * n
+        stats[8] += float(met.get("is_capped_frac", 0.0)) * n
         stats[5] += n
     stats[6] = tok
     stats[7] = float(batch.outcome.sum())
@@ -342,6 +343,7 @@ def prime_step(models: Models, batch: RolloutBatch, cfg: PrimeRunConfig, policy_
     m["loss/is_weight_mean"] = float(stats[2]) / n_pm
     m["loss/mismatch_kl"] = float(stats[3]) / n_pm
     m["loss/is_masked_frac"] = float(stats[4]) / n_pm
+    m["loss/is_capped_frac"] = float(stats[8]) / n_pm
     m["loss/grad_norm"] = sum(gnorms) / max(len(gnorms), 1)
     m["reward/outcome_mean"] = float(stats[7]) / (batch.num_rows * W)
     on = mask_all > 0

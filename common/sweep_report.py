@@ -186,11 +186,12 @@ def _curves(sweep, output: Path, x_key: str, path: Path, metric: str) -> Path | 
                     continue
                 rd = run_dir(output, cell, seed)
                 rows = _jsonl(rd / file)
-                t0 = min((r["time"] for r in _jsonl(rd / "metrics.jsonl") + _jsonl(rd / "eval.jsonl") if "time" in r),
-                         default=0.0)
-                pts = [((r["step"] if file == "metrics.jsonl" else r["policy_version"]) if x_key == "step"
-                        else r["time"] - t0, float(r[key])) for r in rows if key in r and r[key] is not None
-                       and (x_key == "step" or "time" in r)]
+                # metrics' "time" is seconds since the learner started; an evaluation of version v
+                # is placed at the time step v was logged (the policy it scored existed from then)
+                at = {0: 0.0, **{int(r["step"]): float(r["time"]) for r in _jsonl(rd / "metrics.jsonl") if "time" in r}}
+                step_of = (lambda r: r["step"]) if file == "metrics.jsonl" else (lambda r: r["policy_version"])
+                pts = [(step_of(r) if x_key == "step" else at[int(step_of(r))], float(r[key])) for r in rows
+                       if r.get(key) is not None and (x_key == "step" or int(step_of(r)) in at)]
                 if pts:
                     series.append(np.array(sorted(pts)))
             if not series:

@@ -55,8 +55,8 @@ import logging
 import signal
 import threading
 import time
-from collections import deque
 import zlib
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
@@ -64,6 +64,7 @@ from typing import Callable
 
 import numpy as np
 
+from actors.process import load_newest
 from actors.prompts import PromptSource, split_reference, to_token_ids
 from actors.verifiers.verdict import FAILURE_STATUSES
 from common.schema import Int32Vector, Response, TrajectoryGroup
@@ -278,13 +279,7 @@ class Actor:
             return
         t0 = time.monotonic()
         before = self.engine.policy_version
-        timeout = self.cfg.async_.weight_sync_timeout_s
-        if hasattr(self.weight_receiver, "update_engine"):  # follows the announcements (actors.process)
-            version = self.weight_receiver.update_engine(self.engine, timeout)
-        else:
-            version, state = self.weight_receiver.receive(timeout_s=timeout, copy=True)
-            if version > self.engine.policy_version:
-                self.engine.load_weights(state, version)
+        version = load_newest(self.weight_receiver, self.engine, self.cfg.async_.weight_sync_timeout_s)
         if self.engine.policy_version > before:
             self.stats["weight_updates"] += 1
         self.stats["weights_wait_s"] += time.monotonic() - t0

@@ -30,6 +30,8 @@ import logging
 import time
 from pathlib import Path
 
+from actors.process import load_newest
+
 log = logging.getLogger(__name__)
 
 EVALUATOR_ID = "evaluator"
@@ -147,15 +149,10 @@ class Evaluator:
             if upd is None or upd.policy_version < next_v:
                 time.sleep(poll_s)
                 continue
-            before, timeout = self.engine.policy_version, self.cfg.async_.weight_sync_timeout_s
-            if hasattr(self.receiver, "update_engine"):  # follows announcements; into the engine where it can
-                version = self.receiver.update_engine(self.engine, timeout)
-            else:
-                version, state = self.receiver.receive(timeout_s=timeout, copy=True)
-                if version > self.engine.policy_version:
-                    self.engine.load_weights(state, version)
-            if self.engine.policy_version > before:
-                self.evaluate(self.engine.policy_version)
+            before = self.engine.policy_version
+            version = load_newest(self.receiver, self.engine, self.cfg.async_.weight_sync_timeout_s)
+            if version > before:
+                self.evaluate(version)
             next_v = (version // every + 1) * every
         final = self.run_dir / "final"
         deadline = time.monotonic() + final_wait_s

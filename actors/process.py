@@ -32,6 +32,18 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 
+def load_newest(receiver, engine, timeout_s: float) -> int:
+    """Bring ``engine`` to the newest weights of ``receiver`` and return its version: through
+    ``receiver.update_engine`` where it has one (``AnnouncedReceiver``: into the engine itself
+    where it can), else ``receive`` + ``engine.load_weights`` when the version is newer."""
+    if hasattr(receiver, "update_engine"):
+        return receiver.update_engine(engine, timeout_s)
+    version, state = receiver.receive(timeout_s=timeout_s, copy=True)
+    if version > engine.policy_version:
+        engine.load_weights(state, version)
+    return engine.policy_version
+
+
 class AnnouncedReceiver:
     """A weight receiver that follows the newest ``PolicyUpdate``'s backend and handle.
 

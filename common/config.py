@@ -368,6 +368,15 @@ class LoggingConfig(_Section):
     log_every: int = Field(1, ge=1, description="Metrics logging period. [learner steps]")
     console: bool = Field(True, description="Show a live progress line. [bool]")
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Python logging level. [enum]")
+    wandb: bool = Field(
+        False,
+        description="Also log every learner metric (and the resolved config) to Weights & Biases; needs the wandb package (pip install -e '.[wandb]'). TensorBoard and metrics.jsonl stay. [bool]",
+    )
+    wandb_mode: Literal["offline", "online"] = Field(
+        "offline",
+        description="'offline' writes the W&B run under <run_dir>/wandb with no network or account (upload later with `wandb sync <run_dir>/wandb/offline-run-*`); 'online' streams it (needs WANDB_API_KEY). [enum]",
+    )
+    wandb_project: str = Field("prime-async", description="W&B project name. [name]")
 
 
 class CheckpointConfig(_Section):

@@ -5,7 +5,9 @@ Contract: ``log(step, metrics)`` takes namespaced scalar metrics (``loss/``, ``r
 ``<run_dir>/tb`` (TensorBoard event files) and one JSON line per step to
 ``<run_dir>/metrics.jsonl`` (``{"step": .., "policy_version": .., "time": .., <metrics>}``).
 Non-finite values are written as they are (TensorBoard shows them; JSON gets null) so a
-diverging run is visible, never silently dropped. Not covered: what the metrics mean.
+diverging run is visible, never silently dropped. With ``logging.wandb`` the same rows go
+to Weights & Biases (offline by default: ``<run_dir>/wandb``; non-finite values omitted there).
+Not covered: what the metrics mean.
 """
 
 from __future__ import annotations
@@ -25,7 +27,10 @@ CONSOLE_KEYS = (
 
 
 class MetricsLogger:
-    def __init__(self, run_dir: str | Path, tensorboard: bool = True, console: bool = True):
+    def __init__(self, run_dir: str | Path, tensorboard: bool = True, console: bool = True,
+                 wandb_mode: str | None = None, wandb_project: str = "prime-async", config: dict | None = None):
+        """``wandb_mode`` ('offline' | 'online'; None = no W&B): also log to Weights & Biases,
+        the run named after ``run_dir``, ``config`` (the resolved run config) attached."""
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.jsonl = (self.run_dir / "metrics.jsonl").open("a", buffering=1)
@@ -34,6 +39,14 @@ class MetricsLogger:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(log_dir=str(self.run_dir / "tb"))
+        self.wb = None
+        if wandb_mode is not None:
+            try:
+                import wandb
+            except ImportError as e:
+                raise RuntimeError("logging.wandb=true needs the wandb package: pip install -e '.[wandb]'") from e
+            self.wb = wandb.init(project=wandb_project, mode=wandb_mode, dir=str(self.run_dir),
+                                 name=self.run_dir.name, config=config or {})
         self.console = console
         self.t0 = time.time()
 
@@ -45,6 +58,9 @@ class MetricsLogger:
             if self.writer is not None:
                 self.writer.add_scalar(k, v, step)
         self.jsonl.write(json.dumps(row) + "\n")
+        if self.wb is not None:
+            self.wb.log({"policy_version": policy_version, **{k: v for k, v in row.items() if k not in ("step", "time")
+                                                               and v is not None}}, step=step)
         if self.writer is not None:
             self.writer.flush()
         if self.console:
@@ -53,5 +69,8 @@ class MetricsLogger:
 
     def close(self) -> None:
         self.jsonl.close()
+        if self.wb is not None:
+            self.wb.finish()
+            self.wb = None
         if self.writer is not None:
             self.writer.close()

@@ -482,7 +482,10 @@ def run_learner(cfg: PrimeRunConfig, steps: int | None = None) -> dict[str, floa
         handle = f"prime-{os.getpid()}"  # shm: the channel's folder; gloo/nccl: a new one per learner start
         # gloo/nccl: actors and the evaluator join at async.weight_sync_addr whenever they come
         sender = sender_from_config(cfg.async_, num_receivers=0, channel=handle)
-        logger = MetricsLogger(cfg.run.output_dir, cfg.logging.tensorboard, cfg.logging.console)
+        lc = cfg.logging
+        logger = MetricsLogger(cfg.run.output_dir, lc.tensorboard, lc.console,
+                               wandb_mode=lc.wandb_mode if lc.wandb else None, wandb_project=lc.wandb_project,
+                               config=cfg.to_dict())
     learner = Learner(cfg, server, sender, logger, sync_handle=handle if rank == 0 else "")
     last: dict[str, float] = {}
     try:

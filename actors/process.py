@@ -38,6 +38,11 @@ def load_newest(receiver, engine, timeout_s: float) -> int:
     where it can), else ``receive`` + ``engine.load_weights`` when the version is newer."""
     if hasattr(receiver, "update_engine"):
         return receiver.update_engine(engine, timeout_s)
+    return _receive_into(receiver, engine, timeout_s)
+
+
+def _receive_into(receiver, engine, timeout_s: float) -> int:
+    """``receiver.receive`` in this process, then ``engine.load_weights`` if it is newer."""
     version, state = receiver.receive(timeout_s=timeout_s, copy=True)
     if version > engine.policy_version:
         engine.load_weights(state, version)
@@ -89,10 +94,7 @@ class AnnouncedReceiver:
                                         connect_timeout_s=a.weight_sync_connect_timeout_s, label=self.label)
                 self._engine_key = key
             return engine.load_synced_weights(timeout_s)
-        version, state = self.receive(timeout_s=timeout_s, copy=True)
-        if version > engine.policy_version:
-            engine.load_weights(state, version)
-        return engine.policy_version
+        return _receive_into(self, engine, timeout_s)
 
     def close(self) -> None:
         if self._rx is not None:

@@ -22,6 +22,8 @@ import json
 import math
 from pathlib import Path
 
+from common.local_run import _read_jsonl as _jsonl
+
 # two-sided 95% Student t quantiles t_{0.975, df}, df = 1..30 (beyond: 1.96)
 _T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
          2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
@@ -43,13 +45,6 @@ def mean_ci95(values: list[float]) -> tuple[float | None, float | None]:
     return m, t * sd / math.sqrt(len(values))
 
 
-def _jsonl(path: Path) -> list[dict]:
-    try:
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    except (OSError, ValueError):
-        return []
-
-
 def _smoothed(rows: list[dict], key: str, window: int) -> list[tuple[int, float]]:
     """(step, mean of ``key`` over the last ``window`` steps up to it)."""
     pts = [(int(r["step"]), float(r[key])) for r in rows if key in r and r[key] is not None]
@@ -65,9 +60,9 @@ def _mean_key(rows: list[dict], key: str) -> float | None:
     return sum(vals) / len(vals) if vals else None
 
 
-def run_figures(run: Path, metric: str, window: int) -> dict:
-    """The figures of one finished run (without steps_to_target, which needs the target)."""
-    rows = _jsonl(run / "metrics.jsonl")
+def run_figures(run: Path, rows: list[dict], metric: str, window: int) -> dict:
+    """The figures of one finished run, ``rows`` its metrics.jsonl (without steps_to_target,
+    which needs the target)."""
     summary = json.loads((run / "summary.json").read_text())
     smooth = _smoothed(rows, metric, window)
     return {
@@ -101,9 +96,12 @@ def collect(sweep, output: Path) -> dict:
     t = sweep.target
     metric, window = (t.metric, t.window) if t else ("reward/outcome_mean", 5)
     per: dict[str, dict[int, dict]] = {}
+    rows: dict[tuple[str, int], list[dict]] = {}  # each run's metrics.jsonl, read once
     for cell, seed in sweep.runs():
         if finished(output, cell, seed, sweep.steps):
-            per.setdefault(cell, {})[seed] = run_figures(run_dir(output, cell, seed), metric, window)
+            rd = run_dir(output, cell, seed)
+            rows[cell, seed] = _jsonl(rd / "metrics.jsonl")
+            per.setdefault(cell, {})[seed] = run_figures(rd, rows[cell, seed], metric, window)
     target = None
     if t is not None:
         if t.value is not None:
@@ -117,8 +115,7 @@ def collect(sweep, output: Path) -> dict:
         runs = per.get(cell, {})
         if target is not None:
             for seed, f in runs.items():
-                f["steps_to_target"] = steps_to(_jsonl(run_dir(output, cell, seed) / "metrics.jsonl"), metric,
-                                                window, target)
+                f["steps_to_target"] = steps_to(rows[cell, seed], metric, window, target)
         stats = {}
         for fig in FIGURES:
             vals = {seed: f.get(fig) for seed, f in runs.items()}

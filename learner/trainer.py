@@ -56,6 +56,7 @@ import torch.distributed as dist
 
 from common import schema
 from common.config import PrimeRunConfig, save_resolved
+from common.weight_sync.wire import tie_key
 from learner.checkpoint import (bytes_to_tensor, list_checkpoints, load_checkpoint, rng_state, save_checkpoint,
                                 set_rng_state, tensor_to_bytes)
 from learner.rollout import build_batch
@@ -148,7 +149,7 @@ def cast_weights(state: dict, dtype: torch.dtype) -> dict:
     out, done = {}, {}
     for k, v in state.items():
         v = v.detach()
-        key = (v.device, v.dtype, v.data_ptr(), tuple(v.shape), v.stride())
+        key = tie_key(v)  # the weight sender's own notion of tied
         if key not in done:
             done[key] = v.to("cpu", dtype) if v.is_floating_point() else v.to("cpu")
         out[k] = done[key]

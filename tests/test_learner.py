@@ -4,7 +4,6 @@ and a 2-rank gloo learner (real processes, DDP or FSDP2) fed by a test actor ove
 ZeroMQ transport trains, publishes versions and writes its run directory."""
 
 import os
-import socket
 import sys
 import threading
 import time
@@ -15,19 +14,11 @@ import torch
 import torch.multiprocessing as tmp
 
 sys.path.insert(0, str(Path(__file__).parent))
-from synthetic import make_groups, tiny_qwen2  # noqa: E402
+from synthetic import free_port, make_groups, tiny_qwen2  # noqa: E402
 
 from common.config import load_config  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
 
 
 def _cfg(tmp_path, *extra):
@@ -83,7 +74,7 @@ def _learner_rank(rank, world, port, overrides):
 def test_two_rank_learner_over_real_transport(tmp_path, parallel):
     from common.transport import ActorClient, ShutdownRequested
 
-    traj, ctrl = f"tcp://127.0.0.1:{_port()}", f"tcp://127.0.0.1:{_port()}"
+    traj, ctrl = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
     cfg = _cfg(tmp_path, f"transport.trajectory_addr={traj}", f"transport.control_addr={ctrl}", "run.steps=3",
                "async.max_staleness=1", "checkpoint.every=0")
     overrides = [f"{k}={v}" for k, v in [
@@ -93,7 +84,7 @@ def test_two_rank_learner_over_real_transport(tmp_path, parallel):
         ("batch.micro_batch_tokens", 64), ("optim.policy.lr", 1e-3), ("logging.console", "false"),
         ("checkpoint.every", 0), ("async.max_staleness", 1), ("model.parallel", parallel)]]
     ctx = tmp.get_context("spawn")
-    port = _port()
+    port = free_port()
     procs = [ctx.Process(target=_learner_rank, args=(r, 2, port, overrides)) for r in range(2)]
     for p in procs:
         p.start()
@@ -196,7 +187,7 @@ def test_fsdp2_resume_matches_uninterrupted(tmp_path):
     for groups in data[:2]:
         d.train_step(groups)  # plain checkpoint at step 2
     del d
-    tmp.start_processes(_fsdp_resume_rank, args=(2, _port(), str(tmp_path), extra), nprocs=2, start_method="spawn")
+    tmp.start_processes(_fsdp_resume_rank, args=(2, free_port(), str(tmp_path), extra), nprocs=2, start_method="spawn")
     r = torch.load(tmp_path / "fsdp_resume.pt")
     assert torch.equal(r["a"], r["c"])  # FSDP2 resume = uninterrupted FSDP2 run
     torch.testing.assert_close(r["e"], r["a"], atol=1e-5, rtol=1e-4)  # plain ckpt -> FSDP2

@@ -348,7 +348,7 @@ class CollectiveSender(WeightSender):
         with self._buf_lock:  # catch up with the newest version (unless a send already did)
             latest = self._latest
             if latest is not None and m.state == "ready" and m.version != (self.incarnation, latest[0]):
-                self.counts["catch_ups"] += 1
+                self._count("catch_ups")
                 self._deliver(m, *latest, time.monotonic() + self.timeout_s)
 
     def _judge_liveness(self) -> None:
@@ -411,24 +411,28 @@ class CollectiveSender(WeightSender):
                 if self._store.check([f"{base}/nack/{seq}"]):
                     msg = self._store.get(f"{base}/nack/{seq}").decode(errors="replace")
                     log.warning("%s: rejected: %s", what, msg)
-                    self.counts["failed"] += 1
+                    self._count("failed")
                     return False
                 if _remaining(deadline) <= 0:
                     raise WeightSyncTimeout(f"{what}: no acknowledgement within the deadline")
                 time.sleep(pause)
                 pause = min(pause * 2, _POLL_S)
             m.version = (self.incarnation, version)
-            self.counts["delivered"] += 1
+            self._count("delivered")
             for k in (f"{base}/hdr/{seq}", f"{base}/ack/{seq}"):
                 self._store.delete_key(k)
             return True
         except Exception as e:  # noqa: BLE001 - any failure of a member drops it, never the learner
-            self.counts["failed"] += 1
+            self._count("failed")
             self._drop(m, f"{what}: {_classify(e, what)}")
             return False
         finally:
             m.busy = False
             m.hb_seen = time.monotonic()
+
+    def _count(self, key: str) -> None:
+        with self._mlock:  # deliveries to members run in parallel threads
+            self.counts[key] += 1
 
     def _bucket(self, i: int, size: int) -> torch.Tensor:
         while len(self._buffers) <= i:

@@ -87,6 +87,12 @@ def _as_pairs(state: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tens
     return items
 
 
+def tie_key(t: torch.Tensor) -> tuple:
+    """Tensors with equal keys are one tensor under several names (same memory, dtype, view):
+    they travel once and come back tied."""
+    return (t.device, t.dtype, t.data_ptr(), tuple(t.shape), t.stride())
+
+
 def _plan(pairs: list[tuple[str, torch.Tensor]], bucket_bytes: int) -> tuple[list[_Entry], list[int], list[torch.Tensor | None]]:
     """Lay the tensors out in buckets. Returns (entries, bucket sizes, source tensor per entry;
     None for a tied entry). Every bucket size is a multiple of ALIGN (so of 8)."""
@@ -96,7 +102,7 @@ def _plan(pairs: list[tuple[str, torch.Tensor]], bucket_bytes: int) -> tuple[lis
     first_of: dict[tuple, str] = {}
     for name, t in pairs:
         dtype = str(t.dtype).removeprefix("torch.")
-        key = (t.device, t.dtype, t.data_ptr(), tuple(t.shape), t.stride())  # same memory, same view: tied
+        key = tie_key(t)
         if t.numel() > 0 and key in first_of:
             entries.append(_Entry(name, dtype, tuple(t.shape), tied_to=first_of[key]))
             sources.append(None)

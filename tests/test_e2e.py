@@ -85,8 +85,10 @@ def test_run_completes_with_an_actor_killed_midway(tmp_path):
     assert [r["policy_version"] for r in rows] == [1, 2, 3, 4, 5, 6]
     assert rows[-1]["system/transport/received"] >= 6 * 4 and rows[-1]["system/transport/rejected"] == 0
     assert rows[-1]["system/transport/incarnations"] >= 3  # actor, its restart, the evaluator
-    # gloo members: the actor, its restart and the evaluator joined; lag within η + 1 throughout
-    assert rows[-1]["system/weight_sync/joined_total"] >= 3, rows[-1]
+    # gloo members: the actor and its restart joined (the restart cannot be admitted without
+    # newer weights); the evaluator joins only when it first needs weights (version
+    # eval.every), which a slow machine may reach after step 6. Lag within η + 1 throughout.
+    assert rows[-1]["system/weight_sync/joined_total"] >= 2, rows[-1]
     assert all(r["system/version_lag_max"] <= 1 + 1 for r in rows), [r["system/version_lag_max"] for r in rows]
     assert rows[-1]["system/weight_sync/members"] >= 1
     for name in ("config.yaml", "metrics.jsonl", "eval.jsonl", "progress.png", "summary.json",

@@ -29,7 +29,13 @@ Contract
    log-probs, per-token versions, finish reasons, rewards, statuses) and sent under credit.
    A group with any ``error``/``sandbox_error`` verdict carries no reward: it is dropped and
    counted (``actor/groups_dropped_verifier``), never sent.
-5. After each handled group the prompt cursor is committed; it is saved after each batch
+5. Deterministic mode (``run.deterministic``): no batch is started while another is in
+   flight, and each is generated with exactly the version at which the learner will consume
+   its first group (``common.lockstep.LockstepSchedule`` replays the learner's intake from
+   the verdicts of the groups sent); the capacity room is not consulted (a batch is always
+   ``prompts_per_batch`` prompts). Every prompt is sampled from its own stream, seeded by
+   (generation seed, actor, policy version, prompt position), in every mode.
+6. After each handled group the prompt cursor is committed; it is saved after each batch
    and at exit, so a restarted actor (new client = new incarnation) resumes after the last
    handled prompt.
 
@@ -43,7 +49,8 @@ prompts of dropped groups are not committed, so a restart generates them again.
 Metrics (``client.send_metrics`` after each batch, also in the heartbeat): ``actor/tokens_per_s``,
 ``actor/gen_s``, ``actor/verify_wait_s``, ``actor/weights_wait_s``, ``actor/admission_wait_s``,
 ``actor/version_lag``, ``actor/policy_version``, ``actor/groups_sent``,
-``actor/groups_dropped_verifier``, ``actor/prompts_skipped``, ``actor/weight_updates``.
+``actor/groups_dropped_verifier``, ``actor/prompts_skipped``, ``actor/weight_updates``,
+``actor/lockstep_resyncs`` (deterministic mode: times the schedule was lost, e.g. by a restart).
 
 Not covered: multiple engines per actor; in-flight updates on the ``vllm``/``hf`` engines
 (they take weights between batches only).
@@ -64,9 +71,11 @@ from typing import Callable
 
 import numpy as np
 
+from actors.engines.base import mix_seed
 from actors.process import load_newest
 from actors.prompts import PromptSource, split_reference, to_token_ids
 from actors.verifiers.verdict import FAILURE_STATUSES
+from common.lockstep import LockstepSchedule
 from common.schema import Int32Vector, Response, TrajectoryGroup
 from common.transport import ShutdownRequested
 
@@ -127,16 +136,20 @@ class Actor:
         self._stop = threading.Event()
         self._stop_reason = ""
         self._seed = int(cfg.generation.seed) + (zlib.crc32(actor_id.encode()) % (1 << 20)) * (1 << 30)
-        self._batches = 0
         self._warned_no_receiver = False
         self._fetched_for = -1  # newest announced version a receive was done for
         self._lag = int(cfg.async_.actor_lag)  # controlled staleness (0: load the newest)
         self._delay: deque = deque()  # (version, weights) received, not loaded yet (actor_lag > 0)
         self._gen_thread: ThreadPoolExecutor | None = None  # in-flight mode only
+        self._lockstep: LockstepSchedule | None = None  # deterministic mode (run.deterministic)
+        if cfg.run.deterministic:
+            p = cfg.prime
+            self._lockstep = LockstepSchedule(cfg.batch.prompts_per_step, cfg.async_.max_staleness, p.filter_low,
+                                              p.filter_high, p.drop_truncated)
         self.stats: dict[str, float] = {
             "groups_sent": 0, "groups_dropped_verifier": 0, "groups_dropped_stop": 0, "prompts_skipped": 0,
             "weight_updates": 0, "tokens": 0, "gen_s": 0.0, "verify_wait_s": 0.0, "weights_wait_s": 0.0,
-            "admission_wait_s": 0.0, "send_wait_s": 0.0, "groups_started": 0,
+            "admission_wait_s": 0.0, "send_wait_s": 0.0, "groups_started": 0, "lockstep_resyncs": 0,
         }
 
     # ------------------------------------------------------------------ control
@@ -169,14 +182,22 @@ class Actor:
             while not self.stopping:
                 if max_groups is not None and started >= max_groups:
                     break
-                self._maybe_update_weights()
+                if self._lockstep is not None:  # deterministic mode: nothing in flight, the schedule's version
+                    if pending is not None:
+                        self._finish(pending, deadline=None)
+                        pending = None
+                    if not self._lockstep_weights():
+                        break
+                else:
+                    self._maybe_update_weights()
                 if not self.client.admitted(self.engine.policy_version):
                     if pending is not None:  # don't sit on finished work while waiting
                         self._finish(pending, deadline=None)
                         pending = None
                     if not self._wait_admission():
                         break
-                room = self.client.admit_room(self.stats["groups_started"])
+                # deterministic mode: the schedule is the admission (a batch is always whole)
+                room = None if self._lockstep is not None else self.client.admit_room(self.stats["groups_started"])
                 if room is not None and room <= 0:  # the learner's capacity rule: no room now
                     if pending is not None:  # sending it is what frees room
                         self._finish(pending, deadline=None)
@@ -286,6 +307,35 @@ class Actor:
         self.client.set_state(policy_version=self.engine.policy_version)
         log.info("actor %s: loaded policy version %d (%.2f s)", self.actor_id, version, time.monotonic() - t0)
 
+    def _lockstep_weights(self) -> bool:
+        """Deterministic mode: wait until the learner has announced the version the schedule
+        names for the next batch (the step that will consume its first group) and load
+        exactly it. False on stop. If the learner is already past it (this actor restarted,
+        or the learner resumed with buffered groups), the schedule cannot be replayed: it is
+        resynchronised to the learner, counted (``actor/lockstep_resyncs``) and warned about,
+        and the run goes on without the guarantee."""
+        target = self._lockstep.step
+        t0 = time.monotonic()
+        try:
+            while not self.stopping:
+                upd = self.client.latest_update
+                if upd is not None and upd.policy_version >= target:
+                    break
+                self.client.wait_policy_update(target - 1, timeout=self.poll_s)
+            else:
+                return False
+        finally:
+            self.stats["admission_wait_s"] += time.monotonic() - t0
+        if self.engine.policy_version != target:
+            self._maybe_update_weights()
+        if self.engine.policy_version != target:
+            self.stats["lockstep_resyncs"] += 1
+            log.warning("actor %s: deterministic schedule lost (wanted version %d, the learner is at %d): "
+                        "resynchronised, this run is no longer deterministic", self.actor_id, target,
+                        self.engine.policy_version)
+            self._lockstep.step, self._lockstep.taken = self.engine.policy_version, 0
+        return True
+
     def _update_lagged(self, announced: int) -> None:
         """Controlled staleness (``async.actor_lag`` = k): take every announced version into a
         delay line, and generate with the newest one that is at most ``announced - k``."""
@@ -329,9 +379,11 @@ class Actor:
         t0 = time.monotonic()
         samples = []
         if ids_list:
-            seed = self._seed + self._batches * (1 << 20)
+            # one stream per (actor, version, prompt position): a prompt's samples do not depend on
+            # its batch, on timing or on restarts
+            seeds = [mix_seed(self._seed, version, after - 1) for after, _, _, _, ok in items if ok]
             kwargs = dict(k=gcfg.k, temperature=gcfg.temperature, top_p=gcfg.top_p, max_tokens=gcfg.max_tokens,
-                          seed=seed)
+                          seed=seeds)
             if getattr(self.engine, "inflight_updates", False):
                 samples = self._generate_inflight(ids_list, kwargs)
             else:
@@ -339,7 +391,6 @@ class Actor:
         gen_s = time.monotonic() - t0
         self.stats["groups_started"] += len(ids_list)
         self._report_counts()
-        self._batches += 1
         self.stats["gen_s"] += gen_s
         ntok = sum(len(s.token_ids) for per in samples for s in per)
         self.stats["tokens"] += ntok
@@ -397,6 +448,9 @@ class Actor:
             if not self._send(group, deadline):
                 break
             self.stats["groups_sent"] += 1
+            if self._lockstep is not None:
+                self._lockstep.observe([v.reward for v in verdicts], any(s.finish_reason == "length" for s in samples),
+                                       min(min(s.versions()) for s in samples if s.token_ids))
             self._handled(batch, after)
         left = len(batch.prompts) - batch.next_index
         if left:
@@ -436,7 +490,6 @@ class Actor:
                verify_s: float) -> TrajectoryGroup:
         responses = []
         for s, v in zip(samples, verdicts):
-            n = len(s.token_ids)
             responses.append(Response.from_numpy(
                 np.asarray(s.token_ids, dtype=np.int32),
                 np.minimum(np.asarray(s.logprobs, dtype=np.float32), 0.0),

@@ -10,7 +10,10 @@ Contract
 - It evaluates the starting policy (``model.policy_path``, version 0) before it connects,
   then the newest version whenever it
   has advanced by ``eval.every`` since the last evaluation (it skips versions while busy:
-  it never holds anything up), and at the end the final policy saved by the learner in
+  it never holds anything up) -- in deterministic mode (``run.deterministic``) exactly
+  versions ``eval.every``, 2·``eval.every``, ... from the weights the learner leaves in
+  ``<run_dir>/eval_weights/`` (``common.lockstep``), each file deleted once scored -- and
+  at the end the final policy saved by the learner in
   ``<run_dir>/final`` (``"final": true``) unless that version was the last one evaluated.
 - One evaluation: the held-out prompts (``eval.heldout_path``, first ``eval.limit``), each
   sampled ``eval.samples`` times at ``eval.temperature`` (default: the training temperature),
@@ -31,6 +34,7 @@ import time
 from pathlib import Path
 
 from actors.process import load_newest
+from common.lockstep import eval_weights_path
 
 log = logging.getLogger(__name__)
 
@@ -141,8 +145,17 @@ class Evaluator:
 
     def run(self, poll_s: float = 0.5, final_wait_s: float = 300.0) -> list[dict]:
         """Evaluate as versions arrive until the learner says stop; then the final policy."""
-        every = self.cfg.eval.every
         self.evaluate(self.engine.policy_version)  # the starting policy, as loaded from model.policy_path
+        if self.cfg.run.deterministic:
+            self._follow_snapshots(poll_s)
+        else:
+            self._follow_newest(poll_s)
+        self._evaluate_final(poll_s, final_wait_s)
+        return self.records
+
+    def _follow_newest(self, poll_s: float) -> None:
+        """The newest version each time it has advanced by ``eval.every`` (skips while busy)."""
+        every = self.cfg.eval.every
         next_v = every
         while not self.client.shutdown_requested:
             upd = self.client.latest_update
@@ -154,21 +167,41 @@ class Evaluator:
             if version > before:
                 self.evaluate(version)
             next_v = (version // every + 1) * every
+
+    def _follow_snapshots(self, poll_s: float) -> None:
+        """Deterministic mode: exactly versions every, 2·every, ... from the files the learner
+        writes (``common.lockstep.eval_weights_path``), each deleted once scored."""
+        every = self.cfg.eval.every
+        next_v = every
+        while True:
+            stopped = self.client.shutdown_requested  # read first: the learner writes every file before it stops
+            path = eval_weights_path(self.run_dir, next_v)
+            if path.is_file():
+                self.engine.load_weights(str(path), next_v)
+                self.evaluate(next_v)
+                path.unlink(missing_ok=True)
+                next_v += every
+            elif stopped:
+                return
+            else:
+                time.sleep(poll_s)
+
+    def _evaluate_final(self, poll_s: float, final_wait_s: float) -> None:
+        """The final policy from ``<run_dir>/final``, unless its version was just evaluated."""
         final = self.run_dir / "final"
         deadline = time.monotonic() + final_wait_s
         while not (final / "config.json").is_file() and time.monotonic() < deadline:
             time.sleep(poll_s)
-        if (final / "config.json").is_file():
-            upd = self.client.latest_update
-            version = max(self.engine.policy_version, upd.policy_version if upd is not None else 0)
-            if self.records and self.records[-1]["policy_version"] == version:
-                log.info("final policy v%d was just evaluated: not again", version)
-            else:
-                self.engine.load_weights(str(final), version)
-                self.evaluate(version, final=True)
-        else:
+        if not (final / "config.json").is_file():
             log.warning("no final policy in %s after %.0f s: no final evaluation", final, final_wait_s)
-        return self.records
+            return
+        upd = self.client.latest_update
+        version = max(self.engine.policy_version, upd.policy_version if upd is not None else 0)
+        if self.records and self.records[-1]["policy_version"] == version:
+            log.info("final policy v%d was just evaluated: not again", version)
+        else:
+            self.engine.load_weights(str(final), version)
+            self.evaluate(version, final=True)
 
     def close(self) -> None:
         if self._tb is not None:

@@ -390,7 +390,10 @@ class RunConfig(_Section):
     output_dir: str = Field("runs/default", description="Run directory: resolved config, events, checkpoints. [path]")
     steps: int = Field(100, ge=1, description="RL steps to train. [learner steps]")
     seed: int = Field(0, ge=0, description="Global seed. [integer]")
-    deterministic: bool = Field(False, description="torch deterministic algorithms (slower; for resume tests). [bool]")
+    deterministic: bool = Field(
+        False,
+        description="Deterministic mode: the same config and seed give the same run (batches, metrics, evaluations, summary line) whatever the machine's speed. The actor generates each batch with exactly the version at which the learner will consume it, one batch at a time (synchronous: slower, lag 0-1), the learner uses torch's deterministic algorithms, and the evaluator scores exactly every eval.every-th version from weights the learner writes to <run_dir>/eval_weights/ (deleted once scored). Needs one actor, async.actor_lag = 0 and an engine without in-flight updates; a restarted actor breaks the guarantee (counted as actor/lockstep_resyncs). [bool]",
+    )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Learner device; auto = cuda if available. [enum]")
 
 
@@ -426,6 +429,16 @@ class PrimeRunConfig(_Section):
         if a.actor_lag and a.actor_lag >= a.max_staleness:
             raise ValueError(f"async.actor_lag ({a.actor_lag}) must be < async.max_staleness ({a.max_staleness}): "
                              "groups sampled that far behind would age past η before they are trained")
+        if self.run.deterministic:
+            n = self.actors.total_slots or self.actors.num
+            bad = [f"actors.num/total_slots = {n} (must be 1: several actors' groups interleave by timing)"
+                   if n != 1 else "",
+                   f"async.actor_lag = {a.actor_lag} (must be 0)" if a.actor_lag else "",
+                   "generation.engine = vllm-async (in-flight updates land by timing)"
+                   if self.generation.engine == "vllm-async" else ""]
+            bad = [b for b in bad if b]
+            if bad:
+                raise ValueError("run.deterministic=true needs: " + "; ".join(bad))
         if self.prime.advantage in ("rloo", "grpo") and self.generation.k < 2:
             raise ValueError(f"generation.k must be >= 2 for prime.advantage={self.prime.advantage!r}")
         responses = self.batch.prompts_per_step * self.generation.k

@@ -21,8 +21,9 @@ Contract
    process outlives ``run_local``.
 5. At the end: ``<run_dir>/progress.png`` (reward and held-out accuracy against steps),
    ``<run_dir>/summary.json`` and the printed line
-   ``held-out accuracy: A% -> B% in N steps (T s)`` (A: the starting policy; B: the mean of
-   the last ``eval.last_n`` evaluations; sampled at ``eval.temperature``), greedy beside it.
+   ``held-out accuracy: A% -> B% in N steps`` (A: the starting policy; B: the mean of
+   the last ``eval.last_n`` evaluations; sampled at ``eval.temperature``), greedy beside it,
+   then ``wall time: T s (...)``. With ``run.deterministic`` the first line repeats exactly.
 Returns the summary dict; raises ``RuntimeError`` when the learner fails.
 Not covered: several machines (start ``launch/learner.py`` with torchrun and
 ``launch/actors.py`` on each actor host), GPU placement beyond ``CUDA_VISIBLE_DEVICES``.
@@ -103,10 +104,12 @@ def summarize(run_dir: Path, last_n: int, steps: int, seconds: float) -> dict:
 
 
 def summary_line(s: dict) -> str:
+    """The run's result in one line, without wall time (so a deterministic run repeats it
+    exactly; the time is printed on the line after it)."""
     if "start_accuracy" not in s:
-        return f"held-out accuracy: not evaluated in {s['steps']} steps ({s['seconds']:.0f} s)"
+        return f"held-out accuracy: not evaluated in {s['steps']} steps"
     line = (f"held-out accuracy: {100 * s['start_accuracy']:.1f}% -> {100 * s['end_accuracy']:.1f}% "
-            f"in {s['steps']} steps ({s['seconds']:.0f} s)")
+            f"in {s['steps']} steps")
     if "start_greedy_accuracy" in s:
         line += (f"; greedy {100 * s['start_greedy_accuracy']:.1f}% -> {100 * s['end_greedy_accuracy']:.1f}%")
     return line
@@ -299,4 +302,6 @@ def run_local(cfg, *, nproc_per_node: int = 1, live: bool = True) -> dict:
     line = summary_line(summary)
     console.print(f"run directory: {run_dir} (plot: {png})")
     print(line, flush=True)
+    print(f"wall time: {summary['seconds']:.0f} s ({summary['seconds'] / max(steps, 1):.2f} s/step)"
+          f"{'; deterministic mode' if cfg.run.deterministic else ''}", flush=True)
     return summary

@@ -7,8 +7,9 @@ Contract
   ``stale`` (a token older than current_version − η: the backstop behind admission),
   ``truncated`` (a response hit max_tokens and ``prime.drop_truncated``), ``filtered``
   (mean outcome outside [filter_low, filter_high], PRIME §6), ``overflow`` (the surplus
-  buffer was full; the oldest waiting group goes). Kept groups wait in a FIFO buffer; a
-  batch takes the oldest first. Staleness is re-checked when a group leaves the buffer.
+  buffer was full; the oldest waiting group goes); the rule is ``common.lockstep.group_fate``.
+  Kept groups wait in a FIFO buffer; a batch takes the oldest first. Staleness is re-checked
+  when a group leaves the buffer.
 - ``next_batch(n, current_version)`` returns n groups, blocking until they exist, and the
   seconds it waited (the learner's wait-for-data time).
 - Admission (``groups_per_step`` = B given): the capacity rule of AReaL. At learner version v
@@ -34,6 +35,8 @@ import collections
 import time
 
 import numpy as np
+
+from common.lockstep import group_fate
 
 
 KEEP_WINDOW = 256    # groups in the keep-rate estimate [groups]
@@ -84,23 +87,18 @@ class Ingest:
 
     def _accept(self, group, current_version: int) -> None:
         self.counts["received"] += 1
-        outcomes = np.array([r.outcome_reward for r in group.responses], dtype=np.float64)
-        acc = outcomes.mean()
-        if self._is_stale(group, current_version):
-            self.counts["stale"] += 1
-        elif self.drop_truncated and any(r.finish_reason == "length" for r in group.responses):
-            self.counts["truncated"] += 1
-            self._kept_recent.append(0)
-        elif not (self.low - 1e-9 <= acc <= self.high + 1e-9):
-            self.counts["filtered"] += 1
-            self._kept_recent.append(0)
-        else:
-            self._kept_recent.append(1)
+        fate = group_fate([r.outcome_reward for r in group.responses],
+                          any(r.finish_reason == "length" for r in group.responses), self.oldest_version(group),
+                          current_version, eta=self.eta, low=self.low, high=self.high,
+                          drop_truncated=self.drop_truncated)
+        self.counts[fate] += 1
+        if fate != "stale":  # the keep rate is the filters' (staleness aside)
+            self._kept_recent.append(1 if fate == "kept" else 0)
+        if fate == "kept":
             if len(self.buffer) >= self.max_buffered:
                 self.buffer.popleft()
                 self.counts["overflow"] += 1
             self.buffer.append(group)
-            self.counts["kept"] += 1
 
     def next_batch(self, n: int, current_version: int, poll_s: float = 0.2,
                    should_stop=lambda: False) -> tuple[list, float]:

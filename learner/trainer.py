@@ -34,6 +34,9 @@ Contract
   sender, the metrics sinks and the checkpoints. Each step it broadcasts the chosen groups
   to all ranks as their msgpack encoding (decoded by the typed schema, never unpickled);
   rank r trains on groups r, r+W, ... (``learner.step``).
+- Deterministic mode (``run.deterministic``): torch's deterministic algorithms, and
+  ``publish`` also writes every ``eval.every``-th version for the evaluator
+  (``common.lockstep.save_eval_weights``) before announcing it.
 - ``policy_version`` counts published weight updates (0 = the starting weights, published
   before any data is accepted); ``step`` counts PRIME steps. After a resume both are
   restored and the weights are re-published before new data is accepted.
@@ -56,6 +59,7 @@ import torch.distributed as dist
 
 from common import schema
 from common.config import PrimeRunConfig, save_resolved
+from common.lockstep import save_eval_weights
 from common.weight_sync.wire import tie_key
 from learner.checkpoint import (bytes_to_tensor, list_checkpoints, load_checkpoint, rng_state, save_checkpoint,
                                 set_rng_state, tensor_to_bytes)
@@ -389,12 +393,18 @@ class Learner:
         if self.rank != 0:
             return {}
         out: dict[str, float] = {}
-        if self.sender is not None:
+        e = self.cfg.eval
+        snapshot = (self.cfg.run.deterministic and e.every > 0 and e.heldout_path is not None
+                    and self.policy_version > 0 and self.policy_version % e.every == 0)
+        if self.sender is not None or snapshot:
             if full is None:
                 full = unwrap(self.models.policy).state_dict()
             state = cast_weights(full, _dtype(self.cfg.model.dtype))  # masters -> the actors' dtype
-            st = self.sender.send(state, self.policy_version)
-            out.update(weight_sync_metrics(self.sender, st))
+            if snapshot:  # deterministic mode: the evaluator scores exactly this version (common.lockstep)
+                save_eval_weights(self.run_dir, state, self.policy_version)
+            if self.sender is not None:
+                st = self.sender.send(state, self.policy_version)
+                out.update(weight_sync_metrics(self.sender, st))
         if self.server is not None:
             backend = self.cfg.async_.weight_sync
             self.server.publish_policy(self.policy_version, backend, self.sync_handle, step=self.step)

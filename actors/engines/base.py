@@ -85,9 +85,11 @@ class Engine(ABC):
         temperature: float = 1.0,
         top_p: float = 1.0,
         max_tokens: int = 256,
-        seed: int | None = None,
+        seed: Seed = None,
     ) -> list[list[Sample]]:
-        """Sample ``k`` responses per prompt; returns ``[len(prompts)][k]`` samples."""
+        """Sample ``k`` responses per prompt; returns ``[len(prompts)][k]`` samples. Sample j
+        of prompt i is drawn from the stream ``prompt_seed(seed, i, k) + j`` alone, so it does
+        not depend on which other prompts share the call."""
 
     def load_weights(self, weights: Weights, version: int) -> None:
         """Replace the weights in place and record ``version`` as the policy version."""
@@ -146,10 +148,32 @@ def check_sampling_args(prompts: Sequence[Sequence[int]], k: int, temperature: f
             raise ValueError(f"prompt {i} is empty")
 
 
-def prompt_seed(seed: int | None, prompt_index: int, k: int) -> int | None:
-    """Per-prompt seed such that (prompt, sample) pairs never share a random stream when a
-    backend derives sample j's seed as ``prompt_seed + j``."""
-    return None if seed is None else int(seed) + prompt_index * k
+Seed = Union[int, Sequence[int], None]  # one for the call, one per prompt, or none (engine's own stream)
+
+_SEED_MOD = 1 << 63
+
+
+def prompt_seed(seed: Seed, prompt_index: int, k: int) -> int | None:
+    """Per-prompt seed: ``seed[prompt_index]`` when ``seed`` is a per-prompt sequence, else
+    ``seed + prompt_index * k``, such that (prompt, sample) pairs never share a random stream
+    when a backend derives sample j's seed as ``prompt_seed + j``."""
+    if seed is None:
+        return None
+    if isinstance(seed, Sequence):
+        return int(seed[prompt_index]) % _SEED_MOD
+    return (int(seed) + prompt_index * k) % _SEED_MOD
+
+
+def mix_seed(*parts: int) -> int:
+    """One 63-bit seed from several integers (splitmix64 over each in turn), so that e.g.
+    (run seed, policy version, prompt index) give unrelated streams."""
+    x = 0x9E3779B97F4A7C15
+    for p in parts:
+        x = (x ^ (int(p) & 0xFFFFFFFFFFFFFFFF)) + 0x9E3779B97F4A7C15 & 0xFFFFFFFFFFFFFFFF
+        x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+        x = (x ^ (x >> 27)) * 0x94D049BB133111EB & 0xFFFFFFFFFFFFFFFF
+        x ^= x >> 31
+    return x % _SEED_MOD
 
 
 def eos_token_ids(model_path: str | os.PathLike) -> list[int]:

@@ -9,8 +9,10 @@ it keeps ``log_softmax`` of them and picks out the chosen token's value on the n
 (the last token is picked after generate returns). Memory stays O(batch × vocab), not
 O(steps × batch × vocab) as with ``output_scores``.
 
-Invariants: sampling is reproducible for a given ``seed`` (a private RNG fork; the global
-torch RNG is left as it was); left padding is handled by the attention mask (generate
+Invariants: sampling is reproducible for a given ``seed``, row by row: each (prompt, sample)
+row draws its tokens from its own generator seeded ``prompt_seed(seed, i, k) + j`` (the
+``_RowSampler`` processor; the global torch RNG is left as it was), so a row's response does
+not depend on the other rows of the call; left padding is handled by the attention mask (generate
 derives position ids from it). Not covered: streaming, speculative decoding, multi-GPU.
 """
 
@@ -24,10 +26,12 @@ import torch
 from actors.engines.base import (
     Engine,
     Sample,
+    Seed,
     Weights,
     check_sampling_args,
     eos_token_ids as read_eos_token_ids,
     iter_safetensors,
+    prompt_seed,
     safetensors_files,
 )
 
@@ -75,6 +79,24 @@ def cut_at_eos(tokens: list[int], logprobs: list[float], eos: set[int], policy_v
         if tok in eos:
             return Sample(tokens[: t + 1], logprobs[: t + 1], "stop", policy_version)
     return Sample(tokens, logprobs, "length", policy_version)
+
+
+class _RowSampler:
+    """Last logits processor when sampling: draws each row's token from softmax(scores) with
+    that row's own generator (inverse CDF of one uniform per row and step) and returns a
+    one-hot of it, so row i's tokens depend on ``seeds[i]`` and its own scores only, never on
+    which rows share the batch (the global torch RNG is not touched)."""
+
+    def __init__(self, seeds: list[int]) -> None:
+        self._gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        u = torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in self._gens])
+        cdf = torch.softmax(scores.double(), dim=-1).cumsum(-1)
+        pick = torch.searchsorted(cdf, (u.to(cdf.device) * cdf[:, -1]).unsqueeze(-1), right=True)
+        pick = pick.clamp_(max=scores.shape[-1] - 1)
+        out = torch.full_like(scores, float("-inf"))
+        return out.scatter_(-1, pick, 0.0)
 
 
 class HFEngine(Engine):
@@ -128,22 +150,25 @@ class HFEngine(Engine):
         temperature: float = 1.0,
         top_p: float = 1.0,
         max_tokens: int = 256,
-        seed: int | None = None,
+        seed: Seed = None,
     ) -> list[list[Sample]]:
         check_sampling_args(prompts, k, temperature, top_p, max_tokens)
         if self.max_model_len is not None and max(len(p) for p in prompts) >= self.max_model_len:
             raise ValueError(f"a prompt is as long as max_model_len={self.max_model_len} or longer")
         if seed is None:
             seed = int(torch.randint(0, 2**62, (1,), generator=self._seeds))
+        elif not isinstance(seed, int) and len(seed) != len(prompts):
+            raise ValueError(f"{len(seed)} seeds for {len(prompts)} prompts")
         rows = [list(p) for p in prompts for _ in range(k)]
+        seeds = [prompt_seed(seed, i, k) + j for i in range(len(prompts)) for j in range(k)]
         samples: list[Sample] = []
         for start in range(0, len(rows), self.max_batch_size):
-            samples += self._generate_batch(rows[start:start + self.max_batch_size], temperature, top_p,
-                                            max_tokens, int(seed) + start)
+            end = start + self.max_batch_size
+            samples += self._generate_batch(rows[start:end], temperature, top_p, max_tokens, seeds[start:end])
         return [samples[i * k:(i + 1) * k] for i in range(len(prompts))]
 
     def _generate_batch(self, rows: list[list[int]], temperature: float, top_p: float,
-                        max_tokens: int, seed: int) -> list[Sample]:
+                        max_tokens: int, seeds: list[int]) -> list[Sample]:
         from transformers import GenerationConfig, LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
 
         ids, mask = left_pad(rows, self.pad_token_id)
@@ -156,13 +181,13 @@ class HFEngine(Engine):
         if not greedy and top_p < 1.0:
             procs.append(TopPLogitsWarper(top_p))
         procs.append(recorder)
-        sampling = {"do_sample": False} if greedy else {"do_sample": True, "temperature": 1.0, "top_k": 0, "top_p": 1.0}
+        if not greedy:  # sampled here, row by row; generate's own step then takes the argmax of a one-hot
+            procs.append(_RowSampler(seeds))
         cfg = GenerationConfig(
-            **sampling, max_new_tokens=max(caps),
+            do_sample=False, max_new_tokens=max(caps),
             eos_token_id=self.eos_token_ids, pad_token_id=self.pad_token_id, use_cache=True,
         )
-        with torch.no_grad(), torch.random.fork_rng(devices=self._rng_devices()):
-            torch.manual_seed(seed)
+        with torch.no_grad():
             seqs = self.model.generate(
                 input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
                 generation_config=cfg, logits_processor=LogitsProcessorList(procs),
@@ -173,11 +198,6 @@ class HFEngine(Engine):
         eos = set(self.eos_token_ids)
         return [cut_at_eos(new[i, :caps[i]].tolist(), lps[i, :caps[i]].tolist(), eos, self._policy_version)
                 for i in range(len(rows))]
-
-    def _rng_devices(self) -> list[int]:
-        if self.device.type != "cuda":
-            return []
-        return [self.device.index if self.device.index is not None else torch.cuda.current_device()]
 
     def _response_cap(self, prompt_len: int, max_tokens: int) -> int:
         """Longest response allowed: ``max_tokens``, and (as in vLLM) prompt + response

@@ -153,6 +153,12 @@ Seed = Union[int, Sequence[int], None]  # one for the call, one per prompt, or n
 _SEED_MOD = 1 << 63
 
 
+def check_seed(seed: Seed, n_prompts: int) -> None:
+    """Raise ValueError unless ``seed`` is None, an int, or one seed per prompt."""
+    if seed is not None and not isinstance(seed, int) and len(seed) != n_prompts:
+        raise ValueError(f"{len(seed)} seeds for {n_prompts} prompts")
+
+
 def prompt_seed(seed: Seed, prompt_index: int, k: int) -> int | None:
     """Per-prompt seed: ``seed[prompt_index]`` when ``seed`` is a per-prompt sequence, else
     ``seed + prompt_index * k``, such that (prompt, sample) pairs never share a random stream

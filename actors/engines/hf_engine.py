@@ -29,6 +29,7 @@ from actors.engines.base import (
     Seed,
     Weights,
     check_sampling_args,
+    check_seed,
     eos_token_ids as read_eos_token_ids,
     iter_safetensors,
     prompt_seed,
@@ -153,12 +154,11 @@ class HFEngine(Engine):
         seed: Seed = None,
     ) -> list[list[Sample]]:
         check_sampling_args(prompts, k, temperature, top_p, max_tokens)
+        check_seed(seed, len(prompts))
         if self.max_model_len is not None and max(len(p) for p in prompts) >= self.max_model_len:
             raise ValueError(f"a prompt is as long as max_model_len={self.max_model_len} or longer")
         if seed is None:
             seed = int(torch.randint(0, 2**62, (1,), generator=self._seeds))
-        elif not isinstance(seed, int) and len(seed) != len(prompts):
-            raise ValueError(f"{len(seed)} seeds for {len(prompts)} prompts")
         rows = [list(p) for p in prompts for _ in range(k)]
         seeds = [prompt_seed(seed, i, k) + j for i in range(len(prompts)) for j in range(k)]
         samples: list[Sample] = []

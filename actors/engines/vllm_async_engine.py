@@ -44,8 +44,10 @@ from typing import Any
 from actors.engines.base import (
     Engine,
     Sample,
+    Seed,
     Weights,
     check_sampling_args,
+    check_seed,
     check_version,
     eos_token_ids as read_eos_token_ids,
     prompt_seed,
@@ -145,9 +147,10 @@ class VLLMAsyncEngine(Engine):
         temperature: float = 1.0,
         top_p: float = 1.0,
         max_tokens: int = 256,
-        seed: int | None = None,
+        seed: Seed = None,
     ) -> list[list[Sample]]:
         check_sampling_args(prompts, k, temperature, top_p, max_tokens)
+        check_seed(seed, len(prompts))
         if temperature == 0:  # vLLM's greedy mode (evaluation); top-p is meaningless there
             top_p = 1.0
         return self._call(self._generate_all([list(p) for p in prompts], k, temperature, top_p, max_tokens, seed))

@@ -42,8 +42,10 @@ import torch
 from actors.engines.base import (
     Engine,
     Sample,
+    Seed,
     Weights,
     check_sampling_args,
+    check_seed,
     eos_token_ids as read_eos_token_ids,
     prompt_seed,
     safetensors_files,
@@ -117,11 +119,12 @@ class VLLMEngine(Engine):
         temperature: float = 1.0,
         top_p: float = 1.0,
         max_tokens: int = 256,
-        seed: int | None = None,
+        seed: Seed = None,
     ) -> list[list[Sample]]:
         from vllm import SamplingParams
 
         check_sampling_args(prompts, k, temperature, top_p, max_tokens)
+        check_seed(seed, len(prompts))
         if temperature == 0:  # vLLM's greedy mode; top-p is meaningless there
             top_p = 1.0
         params = [

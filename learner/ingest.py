@@ -3,7 +3,13 @@
 Contract
 --------
 - Source: anything with ``recv_group(timeout) -> Envelope | None`` (``LearnerServer``).
-- Every received group is either kept or counted under exactly one reason:
+- Every received group is first checked against what the schema cannot see
+  (``check_group`` with the run's ``GroupLimits``: group size, empty responses, token ids
+  outside the vocabulary, lengths over the maxima, versions negative, decreasing or newer
+  than the learner's, log-probs no sampler produces); a failing group is rejected, logged
+  and counted by reason (``system/ingest/rejected/<reason>``), never trained on, and never
+  reaches the code below (which would crash on some of them).
+- Every other received group is either kept or counted under exactly one reason:
   ``stale`` (a token older than current_version − η: the backstop behind admission),
   ``truncated`` (a response hit max_tokens and ``prime.drop_truncated``), ``filtered``
   (mean outcome outside [filter_low, filter_high], PRIME §6), ``overflow`` (the surplus
@@ -32,22 +38,77 @@ Not covered: credits and transport accounting (the server's), sharding to ranks.
 from __future__ import annotations
 
 import collections
+import logging
 import time
+from dataclasses import dataclass
 
 import numpy as np
 
 from common.lockstep import group_fate
 
+log = logging.getLogger(__name__)
+
 
 KEEP_WINDOW = 256    # groups in the keep-rate estimate [groups]
 KEEP_WARMUP = 16     # groups seen before the estimate is used [groups]
 MIN_KEEP_RATE = 0.1  # floor of the estimate (bounds the inflation to 10x) [fraction]
+MIN_LOGP = -50.0     # a sampled token below this log-prob (p < 2e-22) means a broken or hostile sender [nats]
+
+
+@dataclass(frozen=True)
+class GroupLimits:
+    """What a well-formed group of this run looks like beyond its schema (None: unchecked)."""
+
+    k: int | None = None                  # responses per group (generation.k)
+    vocab_size: int | None = None         # token ids must be in [0, vocab_size)
+    max_prompt_tokens: int | None = None  # generation.max_prompt_tokens
+    max_tokens: int | None = None         # generation.max_tokens (response length)
+
+
+def check_group(group, current_version: int, limits: GroupLimits) -> str | None:
+    """Why the learner must not train on ``group`` at ``current_version``, or None.
+
+    The schema has already checked types, array sizes, equal per-response lengths, a non-empty
+    prompt and finite, non-positive log-probs; this checks what it cannot know: the group
+    size, empty responses, token ids outside the vocabulary, lengths over the configured
+    maxima, per-token versions that are negative, decreasing or newer than the learner's,
+    and log-probs no sampler produces (below ``MIN_LOGP``). Returns the reason (a metric name)."""
+    if limits.k is not None and len(group.responses) != limits.k:
+        return "group_size"
+    prompt = group.prompt_tokens.to_numpy()
+    if limits.max_prompt_tokens is not None and prompt.shape[0] > limits.max_prompt_tokens:
+        return "prompt_too_long"
+    if _bad_ids(prompt, limits.vocab_size):
+        return "token_id"
+    for r in group.responses:
+        ids = r.token_ids.to_numpy()
+        if ids.shape[0] == 0:
+            return "empty_response"
+        if limits.max_tokens is not None and ids.shape[0] > limits.max_tokens:
+            return "response_too_long"
+        if _bad_ids(ids, limits.vocab_size):
+            return "token_id"
+        v = r.policy_version.to_numpy()
+        if v.min() < 0 or (v.shape[0] > 1 and (np.diff(v) < 0).any()):
+            return "version_order"
+        if v.max() > current_version:
+            return "future_version"
+        if r.behav_logp.to_numpy().min() < MIN_LOGP:
+            return "implausible_logp"
+    return None
+
+
+def _bad_ids(ids: np.ndarray, vocab_size: int | None) -> bool:
+    return ids.shape[0] > 0 and (ids.min() < 0 or (vocab_size is not None and ids.max() >= vocab_size))
 
 
 class Ingest:
     def __init__(self, server, max_staleness: int, filter_low: float, filter_high: float,
-                 drop_truncated: bool = False, max_buffered: int = 1024, groups_per_step: int | None = None):
+                 drop_truncated: bool = False, max_buffered: int = 1024, groups_per_step: int | None = None,
+                 limits: GroupLimits | None = None):
         self.server = server
+        self.limits = limits or GroupLimits()
+        self.rejected = collections.Counter()  # reason -> groups (check_group)
         self.eta = max_staleness
         self.low, self.high = filter_low, filter_high
         self.drop_truncated = drop_truncated
@@ -87,6 +148,11 @@ class Ingest:
 
     def _accept(self, group, current_version: int) -> None:
         self.counts["received"] += 1
+        reason = check_group(group, current_version, self.limits)
+        if reason is not None:
+            self.rejected[reason] += 1
+            log.warning("group %r rejected: %s", str(group.prompt_id)[:64], reason)
+            return
         fate = group_fate([r.outcome_reward for r in group.responses],
                           any(r.finish_reason == "length" for r in group.responses), self.oldest_version(group),
                           current_version, eta=self.eta, low=self.low, high=self.high,
@@ -125,6 +191,9 @@ class Ingest:
     def metrics(self) -> dict[str, float]:
         m = {f"system/groups_{k}": float(v) for k, v in self.counts.items()}
         m["system/groups_buffered"] = float(len(self.buffer))
+        m["system/ingest/rejected"] = float(sum(self.rejected.values()))
+        for reason, n in self.rejected.items():
+            m[f"system/ingest/rejected/{reason}"] = float(n)
         m["system/keep_rate"] = self.keep_rate()
         budget = self.admission_budget()
         if budget is not None:

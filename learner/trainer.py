@@ -326,15 +326,17 @@ class Learner:
         self.server, self.sender, self.logger = server, sender, logger
         self.ingest = None
         if self.rank == 0:
-            from learner.ingest import Ingest
+            from learner.ingest import GroupLimits, Ingest
 
             save_resolved(cfg, self.run_dir)
             if self.server is not None:
-                p = cfg.prime
+                p, g = cfg.prime, cfg.generation
+                limits = GroupLimits(k=g.k, max_prompt_tokens=g.max_prompt_tokens, max_tokens=g.max_tokens,
+                                     vocab_size=unwrap(self.models.policy).get_input_embeddings().num_embeddings)
                 self.ingest = Ingest(self.server, cfg.async_.max_staleness, p.filter_low, p.filter_high,
                                      p.drop_truncated, cfg.batch.max_buffered_groups,
                                      groups_per_step=cfg.batch.prompts_per_step
-                                     if cfg.async_.admission == "capacity" else None)
+                                     if cfg.async_.admission == "capacity" else None, limits=limits)
                 self.ingest.update_admission()
 
     # ------------------------------------------------------------- checkpoints
@@ -352,6 +354,7 @@ class Learner:
             s["prm"], s["prm_opt"] = _save_model_opt(m.prm, m.prm_opt)
         if self.ingest is not None:
             s["ingest_counts"] = dict(self.ingest.counts)
+            s["ingest_rejected"] = dict(self.ingest.rejected)
             s["buffer"] = [bytes_to_tensor(schema.encode(schema.make_envelope(g, "learner", "buffer", i), validate=False))
                            for i, g in enumerate(self.ingest.buffer)]
         return s
@@ -378,6 +381,7 @@ class Learner:
         set_rng_state(s["rng"])
         if self.ingest is not None:
             self.ingest.counts.update(s.get("ingest_counts", {}))
+            self.ingest.rejected.update(s.get("ingest_rejected", {}))
             for t in s.get("buffer", []):
                 self.ingest.buffer.append(schema.decode(tensor_to_bytes(t)).body)
             self.ingest.update_admission()  # the restored buffer holds room

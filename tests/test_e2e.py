@@ -19,7 +19,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 import torch
 from synthetic import free_port
 

@@ -27,8 +27,9 @@ Contract
 4. Only then are the previous batch's verdicts collected (verification of batch n overlaps
    generation of batch n+1), its ``TrajectoryGroup``s built (int32 tokens, float32 engine
    log-probs, per-token versions, finish reasons, rewards, statuses) and sent under credit.
-   A group with any ``error``/``sandbox_error`` verdict carries no reward: it is dropped and
-   counted (``actor/groups_dropped_verifier``), never sent.
+   A group with any verdict that is not a judgement (``verdict.is_error``: ``error``,
+   ``sandbox_error``, and a math ``timeout`` when ``verifier.math_timeout: error``) carries
+   no reward: it is dropped and counted (``actor/groups_dropped_verifier``), never sent.
 5. Deterministic mode (``run.deterministic``): no batch is started while another is in
    flight, and each is generated with exactly the version at which the learner will consume
    its first group (``common.lockstep.LockstepSchedule`` replays the learner's intake from
@@ -50,6 +51,7 @@ Metrics (``client.send_metrics`` after each batch, also in the heartbeat): ``act
 ``actor/gen_s``, ``actor/verify_wait_s``, ``actor/weights_wait_s``, ``actor/admission_wait_s``,
 ``actor/version_lag``, ``actor/policy_version``, ``actor/groups_sent``,
 ``actor/groups_dropped_verifier``, ``actor/prompts_skipped``, ``actor/weight_updates``,
+``actor/verify_timeouts`` (verdicts that ran out of time, whatever they count as),
 ``actor/lockstep_resyncs`` (deterministic mode: times the schedule was lost, e.g. by a restart).
 
 Not covered: multiple engines per actor; in-flight updates on the ``vllm``/``hf`` engines
@@ -74,7 +76,7 @@ import numpy as np
 from actors.engines.base import mix_seed
 from actors.process import load_newest
 from actors.prompts import PromptSource, split_reference, to_token_ids
-from actors.verifiers.verdict import FAILURE_STATUSES
+from actors.verifiers.verdict import is_error
 from common.lockstep import LockstepSchedule
 from common.schema import Int32Vector, Response, TrajectoryGroup
 from common.transport import ShutdownRequested
@@ -91,8 +93,8 @@ class _Batch:
     version: int
     gen_s: float
     t_submit: float
-    # per prompt: (cursor_after, prompt_id, prompt_ids, samples, futures)
-    prompts: list[tuple[int, str, list[int], list, list[Future]]] = field(default_factory=list)
+    # per prompt: (cursor_after, prompt_id, prompt_ids, samples, futures, verifier kind)
+    prompts: list[tuple[int, str, list[int], list, list[Future], str]] = field(default_factory=list)
     next_index: int = 0  # prompts[:next_index] are handled
 
 
@@ -150,6 +152,7 @@ class Actor:
             "groups_sent": 0, "groups_dropped_verifier": 0, "groups_dropped_stop": 0, "prompts_skipped": 0,
             "weight_updates": 0, "tokens": 0, "gen_s": 0.0, "verify_wait_s": 0.0, "weights_wait_s": 0.0,
             "admission_wait_s": 0.0, "send_wait_s": 0.0, "groups_started": 0, "lockstep_resyncs": 0,
+            "verify_timeouts": 0,
         }
 
     # ------------------------------------------------------------------ control
@@ -399,14 +402,14 @@ class Actor:
         it = iter(samples)
         for after, pid, ids, ref, ok in items:
             if not ok:  # skipped prompt: nothing to send, but it is handled
-                batch.prompts.append((after, pid, ids, [], []))
+                batch.prompts.append((after, pid, ids, [], [], ""))
                 continue
             per = next(it)
             for s in per:
                 check_sample_versions(s, version)
             kind, value = split_reference(ref, self.verifier_kind)  # a row may name its verifier
             futs = [self.pool.submit(kind, self.detokenize(s.token_ids), value) for s in per]
-            batch.prompts.append((after, pid, ids, per, futs))
+            batch.prompts.append((after, pid, ids, per, futs, kind))
         return batch
 
     def _generate_inflight(self, ids_list: list[list[int]], kwargs: dict) -> list:
@@ -425,7 +428,7 @@ class Actor:
         """Collect the batch's verdicts, send its groups (drop on verifier failure); with a
         ``deadline`` whatever is not done by then is dropped and logged."""
         while batch.next_index < len(batch.prompts):
-            after, pid, ids, samples, futs = batch.prompts[batch.next_index]
+            after, pid, ids, samples, futs, kind = batch.prompts[batch.next_index]
             if not samples:
                 self._handled(batch, after)
                 continue
@@ -438,7 +441,8 @@ class Actor:
             finally:
                 self.stats["verify_wait_s"] += time.monotonic() - t0
             verify_s = time.monotonic() - batch.t_submit
-            bad = [v.status for v in verdicts if v.status in FAILURE_STATUSES]
+            self.stats["verify_timeouts"] += sum(v.status == "timeout" for v in verdicts)
+            bad = [v.status for v in verdicts if is_error(v.status, kind, self.cfg.verifier.math_timeout)]
             if bad:
                 self.stats["groups_dropped_verifier"] += 1
                 log.warning("actor %s: group %s dropped: verifier %s", self.actor_id, pid, bad[0])

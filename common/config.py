@@ -180,6 +180,10 @@ class VerifierConfig(_Section):
     math_timeout_s: float = Field(5.0, gt=0.0, description="Time limit of one math verdict. [s]")
     code_timeout_s: float = Field(10.0, gt=0.0, description="Time limit of one code verdict (all its tests). [s]")
     grace_s: float = Field(2.0, ge=0.0, description="Extra time before a stuck worker is killed. [s]")
+    math_timeout: Literal["wrong", "error"] = Field(
+        "wrong",
+        description="What a math verdict that ran out of time (the checker's limit, or a worker the pool killed) counts as, in training, held-out and benchmark evaluation alike (actors/verifiers/verdict.py): 'wrong' = reward 0; 'error' = not judged (the training group is dropped; evaluation counts an error). Counted on their own either way (actor/verify_timeouts, the evaluations' 'timeouts'). [enum]",
+    )
     allow_unsandboxed: bool = Field(
         False,
         description="Run model code without bubblewrap (rlimits only) where bubblewrap cannot run; logs a warning at start. Off: such code gets sandbox_error. [bool]",

@@ -35,13 +35,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-tokens", type=int, default=1024, help="response length limit")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch-size", type=int, default=64, help="prompts per generate call")
-    ap.add_argument("--data-dir", help="folder of the math .jsonl sets (default ../shared/data/eval)")
+    ap.add_argument("--data-dir", help="folder of the math .jsonl sets (default actors/eval_sets, shipped)")
     ap.add_argument("--output", help="result JSON path")
     ap.add_argument("--system-prompt", help="system message put before every prompt")
     ap.add_argument("--verifier-workers", type=int, help="verifier pool processes (default min(4, cores))")
     ap.add_argument("--torch-threads", type=int,
                     help="torch intra-op threads of this process (HF engine); 1 on a small shared CPU box")
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
+    ap.add_argument("--math-timeout", choices=["wrong", "error"], default="wrong",
+                    help="a math verdict that ran out of time counts as wrong (default) or as a verifier error, "
+                         "as verifier.math_timeout does in training")
     ap.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"), help="compare two result files and exit")
     args = ap.parse_args(argv)
     if args.compare:
@@ -54,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         limit=args.limit, samples=args.samples, temperature=args.temperature, top_p=args.top_p,
         max_tokens=args.max_tokens, seed=args.seed, data_dir=args.data_dir, output=args.output,
         batch_size=args.batch_size, system_prompt=args.system_prompt, verifier_workers=args.verifier_workers,
-        torch_threads=args.torch_threads, progress=not args.no_progress,
+        torch_threads=args.torch_threads, progress=not args.no_progress, math_timeout=args.math_timeout,
     )
     return 0 if result.records else 1
 

@@ -8,8 +8,8 @@ Contract
   consecutive rows (so ``B % K == 0``); ``mask`` is 1.0 on response tokens (EOS included)
   and 0.0 on padding. Masked-out positions never influence any result on masked-in
   positions, and every loss ignores them.
-- Names follow the paper (Cui et al. 2025, arXiv 2502.01456) and
-  ``../shared/docs/prime-algorithm.md`` (section numbers below refer to it).
+- Names follow the paper (Cui et al. 2025, arXiv 2502.01456) and ``docs/algorithm.md``
+  (section numbers below refer to it).
 
 Not covered here: model forwards (log-prob computation), batching, sharding, optimisers.
 """

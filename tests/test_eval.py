@@ -169,6 +169,48 @@ def test_verifier_errors_are_counted_not_hidden(pool):
     assert "| verifier errors | 2 | 2 |" in render_table(scores)
 
 
+def test_one_verdict_policy_by_hand():
+    from actors.verifiers.verdict import is_error
+
+    for policy in ("wrong", "error"):
+        assert is_error("error", "math", policy) and is_error("sandbox_error", "code", policy)
+        assert not is_error("wrong", "math", policy) and not is_error("failed", "code", policy)
+        assert not is_error("timeout", "code", policy)  # the program was too slow: a judgement
+    assert not is_error("timeout", "math", "wrong") and is_error("timeout", "math", "error")
+    with pytest.raises(ValueError):
+        is_error("timeout", "math", "drop")
+
+
+def test_math_timeouts_follow_the_policy_in_benchmark_and_held_out_scoring(pool):
+    """A real math timeout (a sympy comparison given 1 ms) is scored by the same policy in
+    benchmark evaluation (``score_responses``) and the held-out evaluator (``score``), and
+    counted on its own either way."""
+    from actors.evaluator import score
+
+    slow = EvalItem("custom", "slow", "math", "p", "x^{20} + 20 x^{19} + 190 x^{18}")
+    fine = EvalItem("custom", "fine", "math", "p", "4")
+    responses = [["\\boxed{(x+1)^{20}}"], ["\\boxed{4}"]]
+    limit = {"math": 0.001}
+    for policy, errors, accuracy in (("wrong", 0, 50.0), ("error", 1, 50.0)):
+        recs, scores = score_responses([slow, fine], responses, pool=pool, timeouts_s=limit, math_timeout=policy)
+        assert [r.status for r in recs] == ["timeout", "correct"], [r.detail for r in recs]
+        assert [r.error for r in recs] == [policy == "error", False]
+        assert scores["custom"].timeouts == 1 and scores["custom"].errors == errors
+        assert scores["custom"].accuracy == accuracy  # an error counts as not correct; the denominator is every sample
+        assert "| verifier timeouts | 1 | 1 |" in render_table(scores)
+
+    class TimedPool:  # the evaluator submits without a time limit: give every math verdict 1 ms
+        def submit(self, kind, text, target, timeout_s=None):
+            return pool.submit(kind, text, target, limit.get(kind, timeout_s))
+
+    engine = ScriptedEngine({"slow": ["\\boxed{(x+1)^{20}}"], "fine": ["\\boxed{4}"]})
+    items = [("a", "slow", "x^{20} + 20 x^{19} + 190 x^{18}"), ("b", "fine", "4")]
+    for policy, n, errors, accuracy in (("wrong", 2, 0, 0.5), ("error", 1, 1, 1.0)):
+        out = score(engine, TimedPool(), CharTokenizer(), items, samples=1, temperature=1.0, max_tokens=8, seed=0,
+                    math_timeout=policy)
+        assert (out["n"], out["errors"], out["timeouts"], out["accuracy"]) == (n, errors, 1, accuracy)
+
+
 # ----------------------------------------------------------------------------- evaluate()
 class CharTokenizer:
     """Characters <-> code points; no chat template (to_token_ids encodes the raw text)."""

@@ -5,13 +5,13 @@ import json
 import queue
 import random
 import time
-from pathlib import Path
 
 import pytest
 
+from actors.evaluate import DEFAULT_DATA_DIR
 from actors.verifiers.pool import VerifierPool
 
-MATH500 = Path(__file__).resolve().parents[2] / "shared" / "data" / "eval" / "math500.jsonl"
+MATH500 = DEFAULT_DATA_DIR / "math500.jsonl"
 KINDS = {"stuck": "pool_kinds:sleep_forever", "die": "pool_kinds:die", "echo": "pool_kinds:echo"}
 
 ADD_PROGRAM = "```python\na, b = map(int, input().split())\nprint(a + b)\n```"

@@ -144,8 +144,9 @@ class LossConfig(_Section):
     is_cap: float = Field(2.0, ge=1.0, description="Importance-weight cap C of truncate, mask, seq_truncate and decoupled. [dimensionless]")
     is_low: float = Field(0.5, ge=0.0, description="Lower bound of the accepted ratio band of icepop (token ρ) and seq_mask (geometric-mean sequence ρ); must be < 1; 0 = no lower bound. [dimensionless]")
     is_high: float = Field(2.0, gt=0.0, description="Upper bound of the accepted ratio band of icepop (token ρ) and seq_mask (geometric-mean sequence ρ); must be > 1. [dimensionless]")
-    kl_coef: float = Field(0.0, ge=0.0, description="Coefficient of a KL(π_θ‖π_ref) penalty (official script: 0). [dimensionless]")
-    entropy_coef: float = Field(0.0, ge=0.0, description="Entropy bonus coefficient (official script: 0). [dimensionless]")
+    kl_coef: float = Field(0.0, ge=0.0, description="Coefficient of the KL(π_θ‖π_ref) penalty added to the policy loss, a token-level mean like the PPO term (official script: 0). The KL to the reference is logged (loss/kl_k1, loss/kl_k3) whenever a reference model exists. [dimensionless]")
+    kl_estimator: Literal["k1", "k3"] = Field("k3", description="Estimator of the KL penalty from the sampled tokens: k1 = log π_θ − log π_ref, k3 = exp(−k1) + k1 − 1 (≥ 0, lower variance). [enum]")
+    entropy_coef: float = Field(0.0, ge=0.0, description="Coefficient of the entropy bonus subtracted from the policy loss (token-level mean of the next-token entropy at the sampling temperature; official script: 0). loss/entropy is logged always. [dimensionless]")
 
     @model_validator(mode="after")
     def _ratio_band(self):
@@ -160,7 +161,7 @@ class OptimizerConfig(_Section):
     betas: tuple[_Beta, _Beta] = Field((0.9, 0.999), description="AdamW (β1, β2), each in [0, 1). [dimensionless]")
     eps: float = Field(1e-8, gt=0.0, description="AdamW ε. [dimensionless]")
     grad_clip: float = Field(1.0, gt=0.0, description="Global gradient-norm clip. [L2 norm]")
-    warmup_steps: int = Field(0, ge=0, description="Linear LR warm-up length (paper: 0). [optimiser steps]")
+    warmup_steps: int = Field(0, ge=0, description="Linear LR warm-up: optimiser step n (from 0) uses lr·min(1, (n+1)/warmup_steps); 0 = constant lr (paper). Counted from the optimiser's own step count, so it survives a resume. [optimiser steps]")
 
 
 class OptimConfig(_Section):
@@ -369,7 +370,7 @@ class WarmupConfig(_Section):
 
 class LoggingConfig(_Section):
     tensorboard: bool = Field(True, description="Write TensorBoard event files under <run_dir>/tb. [bool]")
-    log_every: int = Field(1, ge=1, description="Metrics logging period. [learner steps]")
+    log_every: int = Field(1, ge=1, description="Metrics logging period (TensorBoard, JSONL, W&B, console): every log_every-th learner step and the last one. [learner steps]")
     console: bool = Field(True, description="Show a live progress line. [bool]")
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Python logging level. [enum]")
     wandb: bool = Field(
@@ -398,7 +399,7 @@ class RunConfig(_Section):
         False,
         description="Deterministic mode: the same config and seed give the same run (batches, metrics, evaluations, summary line) whatever the machine's speed. The actor generates each batch with exactly the version at which the learner will consume it, one batch at a time (synchronous: slower, lag 0-1), the learner uses torch's deterministic algorithms, and the evaluator scores exactly every eval.every-th version from weights the learner writes to <run_dir>/eval_weights/ (deleted once scored). Needs one actor, async.actor_lag = 0 and an engine without in-flight updates; a restarted actor breaks the guarantee (counted as actor/lockstep_resyncs). [bool]",
     )
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Learner device; auto = cuda if available. [enum]")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Learner device: cpu (gloo, even where a GPU exists), cuda (NCCL; an error without a GPU) or auto = cuda if available. [enum]")
 
 
 class PrimeRunConfig(_Section):
@@ -423,6 +424,22 @@ class PrimeRunConfig(_Section):
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
+    def _refuse_silent_combinations(self) -> None:
+        """Settings that would run but silently train something else than they say."""
+        g, lc, mc = self.generation, self.loss, self.model
+        if g.top_p < 1.0:
+            raise ValueError(
+                f"generation.top_p = {g.top_p}: the learner's log-probs (π_old, π_θ) are of the full distribution, "
+                "not the nucleus the actors sample from, so the PPO ratio and every loss.correction would be "
+                "biased; train with generation.top_p = 1 (launch/eval.py --top-p evaluates with a nucleus)")
+        if g.engine == "vllm-async" and lc.correction == "none":
+            raise ValueError(
+                "generation.engine = vllm-async with loss.correction = none: in-flight updates mix policy versions "
+                "inside a response, and 'none' takes the sampler's log-probs as π_old; pick a correction "
+                "(e.g. loss.correction=truncate), which recomputes π_old")
+        if lc.kl_coef > 0 and mc.ref == "policy_old":
+            raise ValueError("loss.kl_coef > 0 needs a reference model: model.ref = policy_old has none (use model.ref=sft)")
+
     @model_validator(mode="after")
     def _cross(self):
         # cross-field rules; each message names its dotted fields
@@ -443,6 +460,7 @@ class PrimeRunConfig(_Section):
             bad = [b for b in bad if b]
             if bad:
                 raise ValueError("run.deterministic=true needs: " + "; ".join(bad))
+        self._refuse_silent_combinations()
         if self.prime.advantage in ("rloo", "grpo") and self.generation.k < 2:
             raise ValueError(f"generation.k must be >= 2 for prime.advantage={self.prime.advantage!r}")
         responses = self.batch.prompts_per_step * self.generation.k

@@ -35,11 +35,17 @@ def token_logprobs(
     attention_mask: torch.Tensor,
     temperature: float = 1.0,
     compute_dtype: torch.dtype | None = None,
-) -> torch.Tensor:
+    with_entropy: bool = False,
+):
     """Args: input_ids, attention_mask: [B, L] (right-padded). Returns: [B, L-1] float32;
-    entry t is the log-prob of input_ids[:, t+1]. Padding positions hold finite garbage."""
+    entry t is the log-prob of input_ids[:, t+1]. Padding positions hold finite garbage.
+    With ``with_entropy`` returns ``(logp, entropy)``, entropy [B, L-1] the entropy of each
+    next-token distribution (at ``temperature``), differentiable like ``logp``."""
     with compute_context(model, input_ids.device, compute_dtype):
         logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
     logits = logits[:, :-1].float() / temperature  # fp32 from here on (outside autocast)
-    logp = torch.log_softmax(logits, dim=-1)
-    return logp.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+    logp_all = torch.log_softmax(logits, dim=-1)
+    logp = logp_all.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+    if not with_entropy:
+        return logp
+    return logp, -(logp_all.exp() * logp_all).sum(-1)

@@ -39,6 +39,8 @@ __all__ = [
     "sequence_log_ratio",
     "CORRECTIONS",
     "accuracy_filter",
+    "kl_to_reference",
+    "regularised_loss",
 ]
 
 WHITEN_EPS = 1e-8
@@ -498,6 +500,41 @@ def policy_loss(
             "approx_kl": masked_mean((ratio.detach() - 1.0) - log_ratio.detach(), maskf),
         }
     return loss, metrics
+
+
+def kl_to_reference(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor,
+                    estimator: Literal["k1", "k3"] = "k3") -> torch.Tensor:
+    """Per-token estimate of KL(π_θ ‖ π_ref) from the sampled tokens (§5; Schulman's
+    estimators), with d_t = log π_ref(y_t) − log π_θ(y_t):
+      k1: −d_t                  (unbiased, can be negative per token)
+      k3: exp(d_t) − d_t − 1    (unbiased, ≥ 0 per token, lower variance)
+    Differentiable in ``logp`` (the KL penalty's gradient); ``ref_logp`` is treated as constant.
+    Args: logp, ref_logp, mask: [B, T]. Returns: [B, T], zero on padding.
+    """
+    d = zero_pad(ref_logp.detach() - logp, mask)
+    if estimator == "k1":
+        return zero_pad(-d, mask)
+    if estimator == "k3":
+        return zero_pad(torch.exp(d) - d - 1.0, mask)
+    raise ValueError(f"estimator must be 'k1' or 'k3', got {estimator!r}")
+
+
+def regularised_loss(pg_loss: torch.Tensor, kl: torch.Tensor | None, entropy: torch.Tensor | None,
+                     mask: torch.Tensor, kl_coef: float, entropy_coef: float,
+                     normalizer: float | None = None) -> torch.Tensor:
+    """pg_loss + kl_coef · Σ_t kl_t / N − entropy_coef · Σ_t H_t / N over response tokens,
+    N = Σ mask (or ``normalizer``, as in ``policy_loss``): the KL penalty to the reference and
+    the entropy bonus as token-level means, like the PPO term (§5).
+    Args: pg_loss: scalar; kl, entropy: [B, T] or None (a zero coefficient needs none);
+    mask: [B, T]. Returns: scalar.
+    """
+    n = mask.sum() if normalizer is None else normalizer
+    out = pg_loss
+    if kl_coef:
+        out = out + kl_coef * zero_pad(kl, mask).sum() / n
+    if entropy_coef:
+        out = out - entropy_coef * zero_pad(entropy, mask).sum() / n
+    return out
 
 
 # ---------------------------------------------------------------------- §6 data filter

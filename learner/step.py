@@ -53,9 +53,11 @@ from learner.packing import bins, pack_ffd
 from learner.prime import (
     grpo_returns,
     implicit_process_rewards,
+    kl_to_reference,
     masked_whiten,
     policy_loss,
     prm_ce_loss,
+    regularised_loss,
     reinforce_returns,
     rloo_returns,
 )
@@ -180,9 +182,31 @@ def _mini_batches(local_groups: int, groups_per_mb_local: int) -> list[list[int]
     return [list(range(s, min(s + groups_per_mb_local, local_groups))) for s in range(0, local_groups, groups_per_mb_local)]
 
 
-def _train_minibatch(model, opt, sub: RolloutBatch, loss_fn, normalizer, grad_clip, budget, W):
-    """Accumulate grads over micro-batches of ``sub``; one optimiser step. Returns
-    (loss sum, grad norm, per-row outputs of loss_fn's second value)."""
+def optimizer_steps(opt) -> int:
+    """Optimiser steps ``opt`` has taken (AdamW's per-parameter ``step``; 0 when fresh).
+    It lives in the optimiser state, so checkpoints carry it."""
+    for group in opt.param_groups:
+        for p in group["params"]:
+            st = opt.state.get(p)
+            if st and "step" in st:
+                return int(st["step"])
+    return 0
+
+
+def warmup_lr(base_lr: float, step: int, warmup_steps: int) -> float:
+    """Linear warm-up: step n (from 0) uses base_lr · min(1, (n + 1) / warmup_steps);
+    ``warmup_steps`` 0 = base_lr throughout."""
+    return base_lr if warmup_steps <= 0 else base_lr * min(1.0, (step + 1) / warmup_steps)
+
+
+def _train_minibatch(model, opt, sub: RolloutBatch, loss_fn, normalizer, grad_clip, budget, W, ocfg=None):
+    """Accumulate grads over micro-batches of ``sub``; one optimiser step, at the learning
+    rate of ``ocfg``'s warm-up (``optim.*``) when given. Returns (loss sum, grad norm,
+    per-row outputs of loss_fn's second value)."""
+    if ocfg is not None:
+        lr = warmup_lr(ocfg.lr, optimizer_steps(opt), ocfg.warmup_steps)
+        for group in opt.param_groups:
+            group["lr"] = lr
     opt.zero_grad(set_to_none=True)
     mbs = _micro_batches(sub, budget)
     # FSDP2: every rank runs the same number of forward/backward pairs (at least one, so
@@ -255,7 +279,7 @@ def prime_step(models: Models, batch: RolloutBatch, cfg: PrimeRunConfig, policy_
                     models.prm, models.prm_opt, sub,
                     lambda mo, mi, r, n: prm_loss(mo, mi, r, n, sub_ref),
                     normalizer=float(cfg.batch.prm_mini_batch), grad_clip=cfg.optim.prm.grad_clip,
-                    budget=budget, W=W,
+                    budget=budget, W=W, ocfg=cfg.optim.prm,
                 )
                 prm_losses.append(loss)
                 for mrows, qq in extras:  # "after": rewards from the forward that trained
@@ -291,12 +315,17 @@ def prime_step(models: Models, batch: RolloutBatch, cfg: PrimeRunConfig, policy_
         old_lp = batch_logprobs(models.policy, batch, temp, budget, cdt)
     t_old = _clock(batch.mask)
 
-    # ----------------------------------------------------------------- policy update
+    # ---------------------------------------------------- reference log-probs (KL)
     lc = cfg.loss
+    ref_pol_lp = None  # log π_ref at the sampling temperature: the KL penalty and its metrics
+    if models.ref is not None:
+        ref_pol_lp = ref_lp if (use_prm and temp == 1.0) else batch_logprobs(models.ref, batch, temp, budget, cdt)
+
+    # ----------------------------------------------------------------- policy update
     pol_losses, gnorms, pm = [], [], []
 
     def pol_loss(model, micro, rows, normalizer, sub_idx):
-        lp = token_logprobs(model, micro.input_ids, micro.attention_mask, temp, cdt)
+        lp, ent = token_logprobs(model, micro.input_ids, micro.attention_mask, temp, cdt, with_entropy=True)
         T = lp.shape[1]
         idx = sub_idx[rows]
         loss, met = policy_loss(
@@ -304,6 +333,14 @@ def prime_step(models: Models, batch: RolloutBatch, cfg: PrimeRunConfig, policy_
             clip_eps=lc.clip_eps, correction=lc.correction, is_cap=lc.is_cap, normalizer=normalizer,
             is_low=lc.is_low, is_high=lc.is_high,
         )
+        kl = None
+        if ref_pol_lp is not None:
+            r = ref_pol_lp[idx][:, :T]
+            kl = kl_to_reference(lp, r, micro.mask, lc.kl_estimator)
+            met["kl_k1"] = (micro.mask * kl_to_reference(lp.detach(), r, micro.mask, "k1")).sum() / micro.mask.sum()
+            met["kl_k3"] = (micro.mask * kl_to_reference(lp.detach(), r, micro.mask, "k3")).sum() / micro.mask.sum()
+        met["entropy"] = (micro.mask * ent.detach()).sum() / micro.mask.sum()
+        loss = regularised_loss(loss, kl, ent, micro.mask, lc.kl_coef, lc.entropy_coef, normalizer=normalizer)
         return loss, (met, float(micro.mask.sum()))
 
     gl = per_rank_groups(cfg.batch.policy_mini_batch)
@@ -316,6 +353,7 @@ def prime_step(models: Models, batch: RolloutBatch, cfg: PrimeRunConfig, policy_
                 models.policy, models.policy_opt, sub,
                 lambda mo, mi, r, n: pol_loss(mo, mi, r, n, rows),
                 normalizer=float(n_tok), grad_clip=cfg.optim.policy.grad_clip, budget=budget, W=W,
+                ocfg=cfg.optim.policy,
             )
             pol_losses.append(loss)
             gnorms.append(gn)
@@ -324,7 +362,7 @@ def prime_step(models: Models, batch: RolloutBatch, cfg: PrimeRunConfig, policy_
 
     # ------------------------------------------------------------------- metrics
     tok = float(mask.sum())
-    stats = torch.zeros(9, dtype=torch.float64)
+    stats = torch.zeros(12, dtype=torch.float64)
     stats[0] = sum(pol_losses)
     for met, n in pm:  # token-weighted sums of the policy-loss metrics
         stats[1] += float(met["clip_frac"]) * n
@@ -332,6 +370,9 @@ def prime_step(models: Models, batch: RolloutBatch, cfg: PrimeRunConfig, policy_
         stats[3] += float(met["mismatch_kl"]) * n
         stats[4] += float(met["is_masked_frac"]) * n
         stats[8] += float(met.get("is_capped_frac", 0.0)) * n
+        stats[9] += float(met.get("kl_k1", 0.0)) * n
+        stats[10] += float(met.get("kl_k3", 0.0)) * n
+        stats[11] += float(met["entropy"]) * n
         stats[5] += n
     stats[6] = tok
     stats[7] = float(batch.outcome.sum())
@@ -345,6 +386,10 @@ def prime_step(models: Models, batch: RolloutBatch, cfg: PrimeRunConfig, policy_
     m["loss/is_masked_frac"] = float(stats[4]) / n_pm
     m["loss/is_capped_frac"] = float(stats[8]) / n_pm
     m["loss/grad_norm"] = sum(gnorms) / max(len(gnorms), 1)
+    m["loss/entropy"] = float(stats[11]) / n_pm
+    if ref_pol_lp is not None:
+        m["loss/kl_k1"], m["loss/kl_k3"] = float(stats[9]) / n_pm, float(stats[10]) / n_pm
+    m["optim/policy_lr"] = models.policy_opt.param_groups[0]["lr"]
     m["reward/outcome_mean"] = float(stats[7]) / (batch.num_rows * W)
     on = mask_all > 0
     m["reward/advantage_mean"] = float(adv_all[on].mean())

@@ -69,12 +69,15 @@ from learner.step import Models, is_sharded, prime_step, shard_groups, world
 log = logging.getLogger(__name__)
 
 
-def _init_dist() -> torch.device:
+def _init_dist(device: str = "auto") -> torch.device:
+    """The process group (under torchrun) and this rank's device, per ``run.device``."""
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("run.device = cuda but torch sees no CUDA GPU (use run.device=cpu or auto)")
+    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     if "RANK" in os.environ and not dist.is_initialized():
         # GPUs: NCCL for CUDA tensors, gloo for the CPU-side bookkeeping collectives
-        backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend)
-    if torch.cuda.is_available():
+        dist.init_process_group("cpu:gloo,cuda:nccl" if use_cuda else "gloo")
+    if use_cuda:
         dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(dev)
         return dev
@@ -123,7 +126,7 @@ def build_models(cfg: PrimeRunConfig, device: torch.device) -> Models:
     use_prm = cfg.prime.use_process_rewards
     prm = load(mc.prm_path, master) if use_prm and mc.prm_path else (copy.deepcopy(policy) if use_prm else None)
     ref = None
-    if use_prm and mc.ref == "sft":
+    if (use_prm or cfg.loss.kl_coef > 0) and mc.ref == "sft":  # the PRM's q_t and the KL penalty
         ref = (load(mc.ref_path, dt) if mc.ref_path else copy.deepcopy(policy).to(dt)).requires_grad_(False).eval()
 
     def adamw(params, o):
@@ -313,7 +316,7 @@ class Learner:
     def __init__(self, cfg: PrimeRunConfig, server=None, sender=None, logger=None, sync_handle: str = ""):
         self.cfg = cfg
         self.sync_handle = sync_handle  # where actors fetch weights (shm channel / store address)
-        self.device = _init_dist()
+        self.device = _init_dist(cfg.run.device)
         self.rank, self.world = world()
         torch.manual_seed(cfg.run.seed)
         if cfg.run.deterministic:
@@ -441,7 +444,8 @@ class Learner:
         if self.server is not None:
             m.update(self.server.metrics())
             m.update(actor_metrics(self.server.actor_info()))
-        if self.rank == 0 and self.logger is not None:
+        if self.rank == 0 and self.logger is not None and (self.step % cfg.logging.log_every == 0
+                                                            or self.step == cfg.run.steps):
             self.logger.log(self.step, m, self.policy_version)
         every = cfg.checkpoint.every
         if every and self.step % every == 0:
@@ -487,7 +491,7 @@ def run_learner(cfg: PrimeRunConfig, steps: int | None = None) -> dict[str, floa
     from common.weight_sync import sender_from_config
     from learner.metrics_log import MetricsLogger
 
-    _init_dist()
+    _init_dist(cfg.run.device)
     rank, _ = world()
     server = sender = logger = None
     if rank == 0:

@@ -57,6 +57,22 @@ def test_bad_values_name_the_field(override, field):
         load_config(TINY, [override])
 
 
+@pytest.mark.parametrize("overrides, fields", [
+    (["generation.top_p=0.9"], ["generation.top_p", "biased"]),  # the learner has no nucleus
+    (["generation.engine=vllm-async", "loss.correction=none"], ["vllm-async", "loss.correction"]),
+    (["loss.kl_coef=0.1", "model.ref=policy_old"], ["loss.kl_coef", "model.ref"]),
+    (["run.deterministic=true", "actors.num=2"], ["run.deterministic", "actors.num"]),
+    (["run.deterministic=true", "async.max_staleness=2", "async.actor_lag=1"], ["async.actor_lag"]),
+])
+def test_silent_combinations_are_refused_naming_the_fields(overrides, fields):
+    with pytest.raises(ConfigError) as e:
+        load_config(TINY, overrides)
+    for f in fields:
+        assert f in str(e.value), str(e.value)
+    load_config(TINY, ["generation.engine=vllm-async", "loss.correction=truncate"])  # the fixed forms load
+    load_config(TINY, ["loss.kl_coef=0.1"])
+
+
 @pytest.mark.parametrize("override, field", [("prime.bta=0.1", "prime.bta"), ("nosuch.key=1", "nosuch")])
 def test_unknown_keys_fail(override, field):
     with pytest.raises(ConfigError, match=re.escape(field) + ".*not permitted"):

@@ -202,3 +202,26 @@ def test_fsdp2_resume_matches_uninterrupted(tmp_path):
     saved = AutoModelForCausalLM.from_pretrained(r["final"])  # save_final under FSDP2
     assert saved.config.architectures == ["Qwen2ForCausalLM"]
     torch.testing.assert_close(torch.cat([p.detach().flatten() for p in saved.parameters()]), r["c"], atol=0, rtol=0)
+
+
+def test_log_every_and_run_device_are_honoured(tmp_path):
+    """logging.log_every=2 over 3 steps logs steps 2 and 3 (the last always); run.device=cpu
+    puts the models on the CPU; run.device=cuda without a GPU is a clear error."""
+    import json
+
+    from learner.metrics_log import MetricsLogger
+    from learner.trainer import Learner
+
+    torch.set_num_threads(1)
+    cfg = _cfg(tmp_path, "logging.log_every=2", "run.steps=3", "run.device=cpu", "logging.tensorboard=false")
+    logger = MetricsLogger(cfg.run.output_dir, tensorboard=False, console=False)
+    learner = Learner(cfg, logger=logger)
+    assert learner.device.type == "cpu"
+    for i in range(3):
+        learner.train_step(make_groups(4, seed=20 + i))
+    logger.close()
+    rows = [json.loads(line) for line in (Path(cfg.run.output_dir) / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2, 3]
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="run.device = cuda"):
+            Learner(_cfg(tmp_path, "run.device=cuda", f"run.output_dir={tmp_path / 'c'}"))

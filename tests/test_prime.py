@@ -11,11 +11,13 @@ from learner.prime import (
     accuracy_filter,
     grpo_returns,
     implicit_process_rewards,
+    kl_to_reference,
     masked_whiten,
     place_on_last_token,
     policy_loss,
     prime_batch_norm,
     prm_ce_loss,
+    regularised_loss,
     reinforce_returns,
     reverse_cumsum,
     rloo_returns,
@@ -448,3 +450,56 @@ def test_normalizer_splits_add_up():
     halves = sum(policy_loss(logp[s], old[s], behav[s], adv[s], mask[s], correction="truncate", normalizer=n)[0]
                  for s in (slice(0, 2), slice(2, 4)))
     close(halves, whole)
+
+
+# ------------------------------------------------------------- §5 KL penalty, entropy bonus
+def test_kl_to_reference_hand():
+    logp = torch.tensor([[-1.0, -2.0, -0.5]])
+    ref = torch.tensor([[-1.5, -1.0, -9.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    d = [-1.5 + 1.0, -1.0 + 2.0]  # log π_ref − log π_θ on the two response tokens
+    k1 = kl_to_reference(logp, ref, mask, "k1")
+    k3 = kl_to_reference(logp, ref, mask, "k3")
+    assert torch.allclose(k1, torch.tensor([[-d[0], -d[1], 0.0]]), atol=1e-6)
+    assert torch.allclose(k3, torch.tensor([[math.exp(d[0]) - d[0] - 1, math.exp(d[1]) - d[1] - 1, 0.0]]), atol=1e-6)
+    assert (k3 >= 0).all()
+    with pytest.raises(ValueError):
+        kl_to_reference(logp, ref, mask, "k2")
+
+
+def test_kl_and_regularised_loss_match_naive_loop_and_padding():
+    g = torch.Generator().manual_seed(3)
+    B, T = 4, 6
+    logp = -torch.rand(B, T, generator=g) * 3
+    ref = -torch.rand(B, T, generator=g) * 3
+    ent = torch.rand(B, T, generator=g)
+    mask = (torch.rand(B, T, generator=g) > 0.3).float()
+    mask[:, 0] = 1.0
+    for est in ("k1", "k3"):
+        kl = kl_to_reference(logp, ref, mask, est)
+        for b in range(B):
+            for t in range(T):
+                d = float(ref[b, t] - logp[b, t])
+                want = (-d if est == "k1" else math.exp(d) - d - 1) if mask[b, t] else 0.0
+                assert abs(float(kl[b, t]) - want) < 1e-5
+        pg = torch.tensor(0.25)
+        got = regularised_loss(pg, kl, ent, mask, kl_coef=0.1, entropy_coef=0.01)
+        n = sum(float(mask[b, t]) for b in range(B) for t in range(T))
+        want = 0.25 + sum(0.1 * float(kl[b, t]) - 0.01 * float(ent[b, t])
+                          for b in range(B) for t in range(T) if mask[b, t]) / n
+        assert abs(float(got) - want) < 1e-5
+        # padding: garbage (even inf) where mask = 0 changes nothing
+        junk = torch.where(mask > 0, torch.zeros_like(logp), torch.full_like(logp, float("inf")))
+        kl_j = kl_to_reference(logp + junk.nan_to_num(posinf=50.0), ref - junk.nan_to_num(posinf=50.0), mask, est)
+        assert torch.equal(kl_j, kl)
+        assert float(regularised_loss(pg, kl_j, ent + junk, mask, 0.1, 0.01)) == pytest.approx(float(got), abs=1e-6)
+    assert float(regularised_loss(pg, None, None, mask, 0.0, 0.0)) == 0.25  # zero coefficients need nothing
+
+
+def test_kl_gradient_pulls_towards_the_reference():
+    logp = torch.tensor([[-1.0, -3.0]], requires_grad=True)
+    ref = torch.tensor([[-2.0, -1.0]])
+    mask = torch.ones(1, 2)
+    regularised_loss(torch.tensor(0.0), kl_to_reference(logp, ref, mask, "k3"), None, mask, 1.0, 0.0).backward()
+    # k3' = 1 − exp(ref − logp): positive where π_θ > π_ref (lower it), negative where below
+    assert logp.grad[0, 0] > 0 and logp.grad[0, 1] < 0

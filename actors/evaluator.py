@@ -70,6 +70,19 @@ def _final_answer(ref):
     return ref
 
 
+def _read_records(path: Path) -> list[dict]:
+    """The evaluations already in ``eval.jsonl`` (a line being written is skipped)."""
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass
+    return out
+
+
 def score(engine, pool, tokenizer, items, *, samples: int, temperature: float, max_tokens: int, seed: int,
           default_kind: str = "math", chunk: int = 64, math_timeout: str = "wrong") -> dict:
     """Generate ``samples`` responses per item and verify them. Returns accuracy (mean reward
@@ -149,19 +162,27 @@ class Evaluator:
         return rec
 
     def run(self, poll_s: float = 0.5, final_wait_s: float = 300.0) -> list[dict]:
-        """Evaluate as versions arrive until the learner says stop; then the final policy."""
-        self.evaluate(self.engine.policy_version)  # the starting policy, as loaded from model.policy_path
-        if self.cfg.run.deterministic:
-            self._follow_snapshots(poll_s)
+        """Evaluate as versions arrive until the learner says stop; then the final policy. A
+        resumed run (``checkpoint.resume``) keeps the evaluations in ``eval.jsonl`` and
+        continues after the last one instead of scoring the starting policy again."""
+        done = _read_records(self.run_dir / "eval.jsonl") if self.cfg.checkpoint.resume else []
+        done = [r for r in done if not r.get("final")]
+        if done:
+            self.records = done
+            log.info("resumed: %d evaluations kept, the last at v%d", len(done), done[-1]["policy_version"])
         else:
-            self._follow_newest(poll_s)
+            self.evaluate(self.engine.policy_version)  # the starting policy, as loaded from model.policy_path
+        first = (self.records[-1]["policy_version"] // self.cfg.eval.every + 1) * self.cfg.eval.every
+        if self.cfg.run.deterministic:
+            self._follow_snapshots(poll_s, first)
+        else:
+            self._follow_newest(poll_s, first)
         self._evaluate_final(poll_s, final_wait_s)
         return self.records
 
-    def _follow_newest(self, poll_s: float) -> None:
+    def _follow_newest(self, poll_s: float, next_v: int) -> None:
         """The newest version each time it has advanced by ``eval.every`` (skips while busy)."""
         every = self.cfg.eval.every
-        next_v = every
         while not self.client.shutdown_requested:
             upd = self.client.latest_update
             if upd is None or upd.policy_version < next_v:
@@ -173,11 +194,10 @@ class Evaluator:
                 self.evaluate(version)
             next_v = (version // every + 1) * every
 
-    def _follow_snapshots(self, poll_s: float) -> None:
+    def _follow_snapshots(self, poll_s: float, next_v: int) -> None:
         """Deterministic mode: exactly versions every, 2·every, ... from the files the learner
         writes (``common.lockstep.eval_weights_path``), each deleted once scored."""
         every = self.cfg.eval.every
-        next_v = every
         while True:
             stopped = self.client.shutdown_requested  # read first: the learner writes every file before it stops
             path = eval_weights_path(self.run_dir, next_v)

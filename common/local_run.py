@@ -18,7 +18,14 @@ Contract
 4. The run ends when the learner exits: the actors get the learner's ``Shutdown``, the
    evaluator scores the final policy; then whatever is still running is stopped
    (SIGTERM, then SIGKILL). Ctrl-C or SIGTERM stops everything the same way. No child
-   process outlives ``run_local``.
+   process outlives ``run_local``. A learner that dies (non-zero exit) is restarted from
+   its newest checkpoint (``checkpoint.resume`` set in the saved config) up to
+   ``run.max_learner_restarts`` times after ``run.learner_restart_backoff_s``; the actors
+   and the evaluator restart with it (one learner incarnation each: their prompt cursors
+   and ``eval.jsonl`` persist, so no prompt is skipped and no evaluation repeated). Steps
+   trained after that checkpoint are trained again (their ``metrics.jsonl`` rows appear
+   twice; the later ones count) and groups received after it are not replayed (at most
+   ``checkpoint.every`` steps' worth). The live view and the summary count the restarts.
 5. At the end: ``<run_dir>/progress.png`` (reward and held-out accuracy against steps),
    ``<run_dir>/summary.json`` and the printed line
    ``held-out accuracy: A% -> B% in N steps`` (A: the starting policy; B: the mean of
@@ -150,7 +157,7 @@ def plot(run_dir: Path) -> Path | None:
     return out
 
 
-def _view(run_dir: Path, sup, t0: float, steps: int):
+def _view(run_dir: Path, sup, t0: float, steps: int, learner_restarts: int = 0):
     """One line per refresh: step, version, reward, held-out accuracy, tokens/s, lag, actors."""
     from rich.text import Text
 
@@ -174,6 +181,7 @@ def _view(run_dir: Path, sup, t0: float, steps: int):
         f"reward {f('reward/outcome_mean')} | held-out {acc} | actor tok/s {f('actor/tokens_per_s', '{:.0f}')} | "
         f"lag {f('system/version_lag_mean', '{:.2f}')} (max {f('system/version_lag_max', '{:.0f}')}) | "
         f"actors {f('actor/count', '{:.0f}')}{f' ({restarts} restarts)' if restarts else ''}"
+        f"{f' | learner restarts {learner_restarts}' if learner_restarts else ''}"
     )
 
 
@@ -236,9 +244,8 @@ def run_local(cfg, *, nproc_per_node: int = 1, live: bool = True) -> dict:
                                            start_new_session=True, cwd=str(ROOT))
         return procs[name]
 
-    t0 = time.time()
-    rc = None
-    try:
+    def start_all(config_path):
+        """The learner (torchrun), the evaluator and the actors' supervisor, all reading ``config_path``."""
         learner = spawn("learner", [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                     f"--nproc-per-node={nproc_per_node}", str(ROOT / "launch" / "learner.py"),
                                     "--config", str(config_path)], gpus=cfg.actors.learner_gpus)
@@ -246,14 +253,37 @@ def run_local(cfg, *, nproc_per_node: int = 1, live: bool = True) -> dict:
             spawn("evaluator", [sys.executable, str(ROOT / "launch" / "actors.py"), "--evaluator", "--config",
                                 str(config_path)], gpus=(cfg.actors.gpus or "").split(",")[0] or None)
         gpu_ids = cfg.actors.gpus.split(",") if cfg.actors.gpus else None
-        sup = Supervisor(cfg, config_path, log_dir=logs, gpu_ids=gpu_ids).start()
+        return learner, Supervisor(cfg, config_path, log_dir=logs, gpu_ids=gpu_ids).start()
+
+    t0 = time.time()
+    rc = None
+    learner_restarts, past_actor_restarts = 0, 0
+    try:
+        learner, sup = start_all(config_path)
         console.print(f"learner (torchrun, {nproc_per_node} rank(s)), {cfg.actors.num} actor(s)"
                       f"{' and the evaluator' if 'evaluator' in procs else ''} started; logs in {logs}")
-        with Live(_view(run_dir, sup, t0, cfg.run.steps), console=console, refresh_per_second=1,
+        with Live(_view(run_dir, sup, t0, cfg.run.steps, learner_restarts), console=console, refresh_per_second=1,
                   transient=not live, auto_refresh=False) as view:
             seen = 0
             while interrupted["sig"] is None:
                 rc = learner.poll()
+                if rc is not None and rc != 0 and learner_restarts < cfg.run.max_learner_restarts:
+                    # the learner died: everything restarts from its newest checkpoint (actors and
+                    # the evaluator follow one learner incarnation; their cursors and eval.jsonl persist)
+                    learner_restarts += 1
+                    console.print(f"[yellow]learner exited with {rc}: restart {learner_restarts}/"
+                                  f"{cfg.run.max_learner_restarts} from its newest checkpoint in "
+                                  f"{cfg.run.learner_restart_backoff_s:.0f} s[/yellow]")
+                    past_actor_restarts += sup.restarts()
+                    sup.stop(grace_s=cfg.actors.stop_grace_s + 5)
+                    for name in ("learner", "evaluator"):
+                        _stop(procs.get(name), 15.0, name)
+                    time.sleep(cfg.run.learner_restart_backoff_s)
+                    cfg = cfg.model_copy(update={"checkpoint": cfg.checkpoint.model_copy(update={"resume": True})})
+                    config_path = save_resolved(cfg, run_dir)
+                    learner, sup = start_all(config_path)
+                    rc = None
+                    continue
                 if rc is not None:
                     break
                 sup.poll()
@@ -263,9 +293,9 @@ def run_local(cfg, *, nproc_per_node: int = 1, live: bool = True) -> dict:
                                   + (f", greedy {ev['greedy_accuracy']:.3f}" if "greedy_accuracy" in ev else "")
                                   + f" ({ev['n']} samples, {ev['seconds']:.0f} s)")
                 seen = len(evals)
-                view.update(_view(run_dir, sup, t0, cfg.run.steps), refresh=True)
+                view.update(_view(run_dir, sup, t0, cfg.run.steps, learner_restarts), refresh=True)
                 time.sleep(1.0)
-            view.update(_view(run_dir, sup, t0, cfg.run.steps), refresh=True)
+            view.update(_view(run_dir, sup, t0, cfg.run.steps, learner_restarts), refresh=True)
         console.print()
         if interrupted["sig"] is not None:
             console.print(f"[yellow]signal {interrupted['sig']}: stopping every process[/yellow]")
@@ -292,7 +322,8 @@ def run_local(cfg, *, nproc_per_node: int = 1, live: bool = True) -> dict:
     metrics = _read_jsonl(run_dir / "metrics.jsonl")
     steps = metrics[-1]["step"] if metrics else 0
     summary = summarize(run_dir, cfg.eval.last_n, steps, elapsed)
-    summary["actor_restarts"] = sup.restarts() if sup else 0
+    summary["actor_restarts"] = past_actor_restarts + (sup.restarts() if sup else 0)
+    summary["learner_restarts"] = learner_restarts
     if warm is not None:
         summary["warmup"] = {k: warm.get(k) for k in ("key", "cached", "model_dir") if k in warm}
         summary["warmup"].update({k: v for k, v in warm.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})

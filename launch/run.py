@@ -28,6 +28,8 @@ def parse(argv=None):
     ap.add_argument("--selfcheck", action="store_true", help="run the setup self-check instead of training")
     ap.add_argument("--no-vllm", action="store_true", help="self-check: sample with torch instead of vLLM")
     ap.add_argument("--check", action="store_true", help="check the config for this machine (launch/check.py --role local) instead of training")
+    ap.add_argument("--resume", metavar="DIR", help="finish the interrupted run in DIR: its saved config.yaml (overrides "
+                    "still apply), from its newest checkpoint, in the same run directory")
     ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. prime.beta=0.1")
     args = ap.parse_args(argv)
     overrides = list(args.overrides)
@@ -35,6 +37,12 @@ def parse(argv=None):
         overrides.append(f"run.steps={args.steps}")
     if args.output_dir is not None:
         overrides.append(f"run.output_dir={args.output_dir}")
+    if args.resume is not None:
+        saved = Path(args.resume) / "config.yaml"
+        if not saved.is_file():
+            ap.exit(2, f"error: --resume {args.resume}: no config.yaml there (not a run directory)\n")
+        args.config = str(saved)
+        overrides += [f"run.output_dir={args.resume}", "checkpoint.resume=true"]
     try:
         cfg = load_config(args.config, overrides)
     except ConfigError as e:

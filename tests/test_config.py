@@ -131,3 +131,24 @@ def test_launcher_rejects_bad_override_with_field_name():
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2
     assert "prime.beta" in r.stderr
+
+
+def test_run_py_resume_reads_the_run_directorys_saved_config(tmp_path):
+    """``launch/run.py --resume DIR``: DIR's config.yaml, in DIR, resuming, overrides on top;
+    a directory without one is refused."""
+    import importlib.util
+
+    from common.config import save_resolved
+
+    spec = importlib.util.spec_from_file_location("launch_run", Path(__file__).resolve().parents[1] / "launch" / "run.py")
+    run = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run)
+    run_dir = tmp_path / "interrupted"
+    save_resolved(load_config(TINY, ["prime.beta=0.2", "run.steps=30", f"run.output_dir={tmp_path / 'elsewhere'}"]),
+                  run_dir)
+    cfg, _ = run.parse(["--resume", str(run_dir), "--steps", "40"])
+    assert cfg.checkpoint.resume and cfg.run.output_dir == str(run_dir)
+    assert cfg.prime.beta == 0.2 and cfg.run.steps == 40
+    with pytest.raises(SystemExit) as e:
+        run.parse(["--resume", str(tmp_path / "nothing")])
+    assert e.value.code == 2

@@ -159,3 +159,69 @@ def test_deterministic_mode_repeats_a_run_exactly(tmp_path):
     for r0, r1 in zip(*rows):
         assert {k: r0.get(k) for k in same} == {k: r1.get(k) for k in same}
         assert r0["system/version_lag_max"] <= 1 and r0.get("actor/lockstep_resyncs", 0) == 0
+
+
+def test_hostile_groups_garbage_and_a_killed_learner_the_run_completes(tmp_path):
+    """A rogue client sends schema-valid but unusable groups and raw garbage to a live run;
+    the learner rejects and counts them; then its worker is SIGKILLed: launch/run.py restarts
+    it (and the actors and the evaluator) from the newest checkpoint and the run completes
+    every step, with nothing left running."""
+    import random
+
+    import zmq
+    from test_ingest_validation import hostile
+
+    from common.config import load_config
+    from common.transport import ActorClient
+
+    run_dir = tmp_path / "run"
+    p = launch(tmp_path, run_dir, steps=8, extra=["run.learner_restart_backoff_s=1"])
+    metrics = run_dir / "metrics.jsonl"
+    rogue, killed, sent = None, None, 0
+    ctx = zmq.Context.instance()
+    try:
+        deadline = time.monotonic() + 600
+        while p.poll() is None and time.monotonic() < deadline:
+            rows = [json.loads(x) for x in metrics.read_text().splitlines()] if metrics.exists() else []
+            if rogue is None and len(rows) >= 1:
+                tcfg = load_config(run_dir / "config.yaml").transport
+                rogue = ActorClient(tcfg, "rogue").start()
+                assert rogue.wait_ready(30)
+                for g in hostile(seed=3).values():
+                    sent += bool(rogue.send_group(g, timeout=10))
+                for addr in (tcfg.trajectory_addr, tcfg.control_addr):
+                    s = ctx.socket(zmq.DEALER)
+                    s.setsockopt(zmq.LINGER, 0)
+                    s.connect(addr)
+                    for _ in range(5):
+                        s.send(random.randbytes(random.randint(1, 300)))
+                    s.close()
+            if killed is None and rows and rows[-1].get("system/ingest/rejected", 0) >= sent > 0 \
+                    and (run_dir / "checkpoints").exists():
+                workers = [pid for pid in procs_mentioning(f"learner.py --config {run_dir}/config.yaml")
+                           if pid not in procs_mentioning("torch.distributed.run")]
+                if workers:
+                    killed = rows[-1]["step"]
+                    for pid in workers:
+                        os.kill(pid, signal.SIGKILL)
+            time.sleep(0.2)
+        out = p.communicate(timeout=120)[0]
+    finally:
+        if rogue is not None:
+            rogue.close(linger_s=0.1)
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 0, out[-3000:]
+    assert killed is not None and killed < 8, "the learner was never killed mid-run"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["learner_restarts"] == 1 and summary["last_step"] == 8 and summary["last_policy_version"] == 8
+    rows = [json.loads(x) for x in metrics.read_text().splitlines()]
+    before = [r for r in rows if r["step"] <= killed][: killed]
+    assert before[-1]["system/ingest/rejected"] >= sent == len(hostile(seed=3))
+    assert max(r.get("system/transport/rejected", 0) for r in before) > 0  # the garbage, counted
+    assert rows[-1]["step"] == 8
+    assert "learner exited with" in out and "restart 1/" in out
+    versions = [json.loads(x)["policy_version"] for x in (run_dir / "eval.jsonl").read_text().splitlines()]
+    assert versions == sorted(set(versions)) and versions[0] == 0 and versions[-1] == 8  # resumed, none repeated
+    time.sleep(0.5)
+    assert not procs_mentioning(str(run_dir)), "processes of the run are still alive"

@@ -105,3 +105,36 @@ def test_a_live_learner_rejects_and_counts_each_kind(learner):
     assert {k.rsplit("/", 1)[1]: v for k, v in m.items() if k.startswith("system/ingest/rejected/")} == \
            {reason: 2.0 for reason in bad}
     assert m["system/groups_kept"] == 4
+
+
+def test_the_buffer_and_the_counters_round_trip_through_a_checkpoint(learner, tmp_path):
+    """Groups kept beyond a step wait in the buffer; a checkpoint holds them and the intake
+    counters, and a learner restored from it trains on exactly those groups next."""
+    from learner.trainer import Learner
+
+    learner, client = learner
+    good = make_groups(7, seed=11, resp_len=(3, 6))
+    for g in [*good, *hostile(seed=12, version=1).values()]:
+        assert client.send_group(g, timeout=10)
+    learner.train_step()  # takes 4; receiving stops once it has them
+    while learner.ingest.counts["received"] < 7 + len(hostile(seed=12, version=1)):
+        env = learner.server.recv_group(timeout=5)  # the rest arrive as the next step would take them
+        assert env is not None
+        learner.ingest._accept(env.body, learner.policy_version)
+    assert [g.prompt_id for g in learner.ingest.buffer] == [g.prompt_id for g in good[4:]]
+    counts, rejected = dict(learner.ingest.counts), dict(learner.ingest.rejected)
+    path = learner.save()
+    assert path is not None
+
+    again = Learner(learner.cfg, server=learner.server)
+    assert again.restore() and again.step == 1 and again.policy_version == 1
+    assert [g.prompt_id for g in again.ingest.buffer] == [g.prompt_id for g in good[4:]]
+    assert [r.token_ids.to_numpy().tolist() for g in again.ingest.buffer for r in g.responses] == \
+           [r.token_ids.to_numpy().tolist() for g in good[4:] for r in g.responses]
+    assert dict(again.ingest.counts) == counts and dict(again.ingest.rejected) == rejected
+    assert sum(rejected.values()) == len(hostile(seed=12, version=1))
+    # the next step takes the three buffered groups first, then one new one
+    extra = make_groups(1, seed=13, resp_len=(3, 6))[0]
+    assert client.send_group(extra, timeout=10)
+    groups, _ = again.ingest.next_batch(4, again.policy_version)
+    assert [g.prompt_id for g in groups] == [g.prompt_id for g in good[4:]] + [extra.prompt_id]

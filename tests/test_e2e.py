@@ -225,3 +225,51 @@ def test_hostile_groups_garbage_and_a_killed_learner_the_run_completes(tmp_path)
     assert versions == sorted(set(versions)) and versions[0] == 0 and versions[-1] == 8  # resumed, none repeated
     time.sleep(0.5)
     assert not procs_mentioning(str(run_dir)), "processes of the run are still alive"
+
+
+def test_a_stopped_actor_and_a_dead_evaluator_do_not_stop_training(tmp_path):
+    """Partitions: the actor SIGSTOPped past the heartbeat timeout is declared dead
+    (system/transport/timeouts), comes back on SIGCONT and its groups are accounted (trained,
+    or dropped as stale by the rule); the evaluator SIGKILLed mid-run stops nothing. The run
+    completes all its steps and leaves nothing running."""
+    run_dir = tmp_path / "run"
+    p = launch(tmp_path, run_dir, steps=6, extra=["transport.heartbeat_s=0.5", "transport.peer_timeout_s=2"])
+    metrics = run_dir / "metrics.jsonl"
+    stopped = evaluator_killed = None
+    try:
+        deadline = time.monotonic() + 600
+        while p.poll() is None and time.monotonic() < deadline:
+            n = len(metrics.read_text().splitlines()) if metrics.exists() else 0
+            if evaluator_killed is None and (run_dir / "eval.jsonl").exists():
+                pids = procs_mentioning(f"--evaluator --config {run_dir}/config.yaml")
+                if pids:
+                    evaluator_killed = n
+                    for pid in pids:
+                        os.kill(pid, signal.SIGKILL)
+            if stopped is None and n >= 2:
+                pids = procs_mentioning(f"{run_dir}/config.yaml --slot 0")
+                if pids:
+                    stopped = n
+                    for pid in pids:
+                        os.kill(pid, signal.SIGSTOP)
+                    time.sleep(2 + 3)  # past peer_timeout_s
+                    for pid in pids:
+                        os.kill(pid, signal.SIGCONT)
+            time.sleep(0.2)
+        out = p.communicate(timeout=120)[0]
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 0, out[-3000:]
+    assert stopped is not None and evaluator_killed is not None
+    rows = [json.loads(x) for x in metrics.read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert rows[-1]["system/transport/timeouts"] >= 1  # the stopped actor was declared dead
+    last = rows[-1]
+    accounted = sum(last.get(f"system/groups_{k}", 0) for k in ("kept", "stale", "filtered", "truncated")) + \
+        last["system/ingest/rejected"]  # a kept group found stale when taken is counted under both
+    assert accounted >= last["system/groups_received"] >= 6 * 4
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["last_policy_version"] == 6 and summary["learner_restarts"] == 0
+    time.sleep(0.5)
+    assert not procs_mentioning(str(run_dir)), "processes of the run are still alive"

@@ -93,3 +93,20 @@ def test_staleness_run_figures_hand_computed():
     assert f["acc_start"] == 0.5 and f["acc_end"] == pytest.approx(0.8, abs=1e-12)
     with pytest.raises(ValueError, match="need more"):
         fig(rows[:2], evals, skip=1, last_n=2)
+
+
+def test_soak_slope_and_roles_by_hand():
+    soak = _load("soak")
+    # 10 MiB over 30 minutes is 20 MiB/h; a flat series is 0
+    assert soak.slope_per_hour([0.0, 900.0, 1800.0], [100.0, 105.0, 110.0]) == pytest.approx(20.0)
+    assert soak.slope_per_hour([0.0, 60.0, 120.0], [50.0, 50.0, 50.0]) == 0.0
+    assert soak.slope_per_hour([5.0], [1.0]) == 0.0
+    assert soak.role("python -m torch.distributed.run --standalone launch/learner.py --config c") == "torchrun agent"
+    assert soak.role("python launch/learner.py --config c") == "learner"
+    assert soak.role("python launch/actors.py --evaluator --config c") == "evaluator"
+    assert soak.role("python launch/actors.py --config c --slot 0") == "actor"
+    assert soak.role("python -c from multiprocessing.spawn import spawn_main; spawn_main()") == "verifier"
+    import os
+
+    here = soak.sample(os.getpid())  # this process's own tree: pytest at least
+    assert sum(here.values()) > 10.0

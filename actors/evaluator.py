@@ -36,6 +36,7 @@ import time
 from pathlib import Path
 
 from actors.process import load_newest
+from common.jsonl import read_rows
 from common.lockstep import eval_weights_path
 
 log = logging.getLogger(__name__)
@@ -68,19 +69,6 @@ def _final_answer(ref):
     if isinstance(ref, str) and "####" in ref:
         return ref.rsplit("####", 1)[1].strip().replace(",", "")
     return ref
-
-
-def _read_records(path: Path) -> list[dict]:
-    """The evaluations already in ``eval.jsonl`` (a line being written is skipped)."""
-    if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            pass
-    return out
 
 
 def score(engine, pool, tokenizer, items, *, samples: int, temperature: float, max_tokens: int, seed: int,
@@ -165,7 +153,7 @@ class Evaluator:
         """Evaluate as versions arrive until the learner says stop; then the final policy. A
         resumed run (``checkpoint.resume``) keeps the evaluations in ``eval.jsonl`` and
         continues after the last one instead of scoring the starting policy again."""
-        done = _read_records(self.run_dir / "eval.jsonl") if self.cfg.checkpoint.resume else []
+        done = read_rows(self.run_dir / "eval.jsonl") if self.cfg.checkpoint.resume else []
         done = [r for r in done if not r.get("final")]
         if done:
             self.records = done

@@ -48,21 +48,11 @@ import sys
 import time
 from pathlib import Path
 
+from common.jsonl import read_rows as _read_jsonl
+
 log = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:  # a line being written
-            pass
-    return rows
 
 
 def _killpg(proc: subprocess.Popen | None, sig: int) -> None:

@@ -22,7 +22,7 @@ import json
 import math
 from pathlib import Path
 
-from common.local_run import _read_jsonl as _jsonl
+from common.jsonl import read_rows as _jsonl
 
 # two-sided 95% Student t quantiles t_{0.975, df}, df = 1..30 (beyond: 1.96)
 _T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,

@@ -1,6 +1,7 @@
 """learner/ingest.py against a real LearnerServer and ActorClient: the accuracy filter, the
 staleness backstop, the surplus buffer, and the capacity-admission budget it hands the server."""
 
+import contextlib
 import time
 
 import numpy as np
@@ -25,17 +26,26 @@ def group(pid: str, outcomes, version: int) -> TrajectoryGroup:
 MIXED, ALL_RIGHT = (1, 0, 0, 1), (1, 1, 1, 1)
 
 
-@pytest.fixture
-def link():
+@contextlib.contextmanager
+def live_link(credit_window: int = 16, admission_budget: int | None = 0):
+    """A real LearnerServer on ephemeral loopback ports and one connected ActorClient 'a'."""
     cfg = TransportConfig(trajectory_addr="tcp://127.0.0.1:*", control_addr="tcp://127.0.0.1:*",
-                          heartbeat_s=0.05, peer_timeout_s=5.0, credit_window=16)
-    srv = LearnerServer(cfg, max_staleness=1, admission_budget=0).start()
+                          heartbeat_s=0.05, peer_timeout_s=5.0, credit_window=credit_window)
+    srv = LearnerServer(cfg, max_staleness=1, admission_budget=admission_budget).start()
     cli = ActorClient(cfg.model_copy(update=dict(trajectory_addr=srv.trajectory_endpoint,
                                                  control_addr=srv.control_endpoint)), "a").start()
-    assert cli.wait_ready(10)
-    yield srv, cli
-    cli.close(linger_s=0.2)
-    srv.close()
+    try:
+        assert cli.wait_ready(10)
+        yield srv, cli
+    finally:
+        cli.close(linger_s=0.2)
+        srv.close()
+
+
+@pytest.fixture
+def link():
+    with live_link() as pair:
+        yield pair
 
 
 def test_budget_filter_backstop_and_buffer(link):

@@ -5,11 +5,9 @@ evaluation weights the learner leaves for the evaluator in deterministic mode.""
 import numpy as np
 import pytest
 import torch
-from test_ingest import group
+from test_ingest import group, live_link
 
-from common.config import TransportConfig
 from common.lockstep import LockstepSchedule, eval_weights_path, group_fate, save_eval_weights
-from common.transport import ActorClient, LearnerServer
 from learner.ingest import Ingest
 
 RULE = dict(eta=1, low=0.2, high=0.8, drop_truncated=True)
@@ -38,15 +36,8 @@ def test_schedule_advances_every_groups_per_step_kept():
 
 @pytest.fixture
 def link():
-    cfg = TransportConfig(trajectory_addr="tcp://127.0.0.1:*", control_addr="tcp://127.0.0.1:*",
-                          heartbeat_s=0.05, peer_timeout_s=5.0, credit_window=512)
-    srv = LearnerServer(cfg, max_staleness=1).start()
-    cli = ActorClient(cfg.model_copy(update=dict(trajectory_addr=srv.trajectory_endpoint,
-                                                 control_addr=srv.control_endpoint)), "a").start()
-    assert cli.wait_ready(10)
-    yield srv, cli
-    cli.close(linger_s=0.2)
-    srv.close()
+    with live_link(credit_window=512, admission_budget=None) as pair:  # every group sent up front
+        yield pair
 
 
 @pytest.mark.parametrize("eta,per_batch", [(0, 4), (1, 8), (2, 5)])

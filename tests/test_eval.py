@@ -89,6 +89,7 @@ def test_scores_and_table_greedy():
         "| pass@1 (greedy), % | 50.0 | 50.0 | 50.0 |\n"
         "| problems | 4 | 2 | 6 |\n"
         "| verifier errors | 1 | 0 | 1 |\n"
+        "| verifier timeouts | 0 | 0 | 0 |\n"
         "| truncated | 1 | 0 | 1 |"
     )
 

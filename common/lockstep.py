@@ -29,9 +29,14 @@ import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-__all__ = ["group_fate", "LockstepSchedule", "eval_weights_path", "save_eval_weights"]
+__all__ = ["is_stale", "group_fate", "LockstepSchedule", "eval_weights_path", "save_eval_weights"]
 
 _TOL = 1e-9  # the filter's bounds are inclusive up to rounding
+
+
+def is_stale(oldest_version: int, current_version: int, eta: int) -> bool:
+    """A group whose oldest token is more than η versions behind ``current_version``."""
+    return current_version - oldest_version > eta
 
 
 def group_fate(outcomes: Sequence[float], any_truncated: bool, oldest_version: int, current_version: int, *,
@@ -42,7 +47,7 @@ def group_fate(outcomes: Sequence[float], any_truncated: bool, oldest_version: i
     ended by max_tokens; oldest_version: the oldest token's policy version.
     Returns one of ``"stale"``, ``"truncated"``, ``"filtered"``, ``"kept"`` (checked in that order).
     """
-    if current_version - oldest_version > eta:
+    if is_stale(oldest_version, current_version, eta):
         return "stale"
     if drop_truncated and any_truncated:
         return "truncated"

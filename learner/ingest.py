@@ -44,7 +44,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from common.lockstep import group_fate
+from common.lockstep import group_fate, is_stale
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +144,7 @@ class Ingest:
         return int(min(int(r.policy_version.to_numpy().min()) for r in group.responses if r.policy_version.shape[0]))
 
     def _is_stale(self, group, current_version: int) -> bool:
-        return current_version - self.oldest_version(group) > self.eta
+        return is_stale(self.oldest_version(group), current_version, self.eta)
 
     def _accept(self, group, current_version: int) -> None:
         self.counts["received"] += 1

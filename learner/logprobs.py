@@ -36,11 +36,13 @@ def token_logprobs(
     temperature: float = 1.0,
     compute_dtype: torch.dtype | None = None,
     with_entropy: bool = False,
+    entropy_grad: bool = True,
 ):
     """Args: input_ids, attention_mask: [B, L] (right-padded). Returns: [B, L-1] float32;
     entry t is the log-prob of input_ids[:, t+1]. Padding positions hold finite garbage.
     With ``with_entropy`` returns ``(logp, entropy)``, entropy [B, L-1] the entropy of each
-    next-token distribution (at ``temperature``), differentiable like ``logp``."""
+    next-token distribution (at ``temperature``), differentiable like ``logp`` unless
+    ``entropy_grad`` is False (a metric only: autograd then keeps no [B, L, V] tensor for it)."""
     with compute_context(model, input_ids.device, compute_dtype):
         logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
     logits = logits[:, :-1].float() / temperature  # fp32 from here on (outside autocast)
@@ -48,4 +50,6 @@ def token_logprobs(
     logp = logp_all.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
     if not with_entropy:
         return logp
-    return logp, -(logp_all.exp() * logp_all).sum(-1)
+    with torch.set_grad_enabled(torch.is_grad_enabled() and entropy_grad):
+        entropy = -(logp_all.exp() * logp_all).sum(-1)
+    return logp, entropy

@@ -54,6 +54,7 @@ from learner.prime import (
     grpo_returns,
     implicit_process_rewards,
     kl_to_reference,
+    masked_mean,
     masked_whiten,
     policy_loss,
     prm_ce_loss,
@@ -325,7 +326,8 @@ def prime_step(models: Models, batch: RolloutBatch, cfg: PrimeRunConfig, policy_
     pol_losses, gnorms, pm = [], [], []
 
     def pol_loss(model, micro, rows, normalizer, sub_idx):
-        lp, ent = token_logprobs(model, micro.input_ids, micro.attention_mask, temp, cdt, with_entropy=True)
+        lp, ent = token_logprobs(model, micro.input_ids, micro.attention_mask, temp, cdt, with_entropy=True,
+                                 entropy_grad=lc.entropy_coef > 0)
         T = lp.shape[1]
         idx = sub_idx[rows]
         loss, met = policy_loss(
@@ -336,10 +338,10 @@ def prime_step(models: Models, batch: RolloutBatch, cfg: PrimeRunConfig, policy_
         kl = None
         if ref_pol_lp is not None:
             r = ref_pol_lp[idx][:, :T]
-            kl = kl_to_reference(lp, r, micro.mask, lc.kl_estimator)
-            met["kl_k1"] = (micro.mask * kl_to_reference(lp.detach(), r, micro.mask, "k1")).sum() / micro.mask.sum()
-            met["kl_k3"] = (micro.mask * kl_to_reference(lp.detach(), r, micro.mask, "k3")).sum() / micro.mask.sum()
-        met["entropy"] = (micro.mask * ent.detach()).sum() / micro.mask.sum()
+            est = {e: kl_to_reference(lp, r, micro.mask, e) for e in ("k1", "k3")}
+            kl = est[lc.kl_estimator]
+            met["kl_k1"], met["kl_k3"] = (masked_mean(est[e].detach(), micro.mask) for e in ("k1", "k3"))
+        met["entropy"] = masked_mean(ent.detach(), micro.mask)
         loss = regularised_loss(loss, kl, ent, micro.mask, lc.kl_coef, lc.entropy_coef, normalizer=normalizer)
         return loss, (met, float(micro.mask.sum()))
 

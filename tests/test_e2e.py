@@ -191,13 +191,13 @@ def test_hostile_groups_garbage_and_a_killed_learner_the_run_completes(tmp_path)
                     sent += bool(rogue.send_group(g, timeout=10))
                 for addr in (tcfg.trajectory_addr, tcfg.control_addr):
                     s = ctx.socket(zmq.DEALER)
-                    s.setsockopt(zmq.LINGER, 0)
+                    s.setsockopt(zmq.LINGER, 2000)  # let the frames go out before close
                     s.connect(addr)
                     for _ in range(5):
                         s.send(random.randbytes(random.randint(1, 300)))
                     s.close()
             if killed is None and rows and rows[-1].get("system/ingest/rejected", 0) >= sent > 0 \
-                    and (run_dir / "checkpoints").exists():
+                    and rows[-1].get("system/transport/rejected", 0) > 0 and (run_dir / "checkpoints").exists():
                 workers = [pid for pid in procs_mentioning(f"learner.py --config {run_dir}/config.yaml")
                            if pid not in procs_mentioning("torch.distributed.run")]
                 if workers:

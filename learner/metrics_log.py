@@ -70,7 +70,12 @@ class MetricsLogger:
     def close(self) -> None:
         self.jsonl.close()
         if self.wb is not None:
+            import wandb
+
             self.wb.finish()
             self.wb = None
+            # finish() can return before wandb's service has flushed the run file (seen under
+            # load: only the 7-byte header on disk); teardown waits for the service to exit
+            wandb.teardown()
         if self.writer is not None:
             self.writer.close()

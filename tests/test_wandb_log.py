@@ -60,7 +60,7 @@ def test_offline_wandb_run_holds_the_metrics_and_config(tmp_path, monkeypatch):
         if r.WhichOneof("record_type") == "history":
             hist.append({(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in r.history.item})
     steps = [h["_step"] for h in hist]
-    assert steps == [1, 2]
+    assert steps == [1, 2], (f.stat().st_size, [r.WhichOneof("record_type") for r in recs])
     assert hist[0]["reward/outcome_mean"] == 0.5 and "loss/policy" not in hist[0]  # NaN left out
     assert hist[1]["loss/policy"] == -0.01 and hist[1]["policy_version"] == 2
     assert hist[1]["system/version_lag_mean"] == 1.0

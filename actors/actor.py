@@ -39,6 +39,13 @@ Contract
 6. After each handled group the prompt cursor is committed; it is saved after each batch
    and at exit, so a restarted actor (new client = new incarnation) resumes after the last
    handled prompt.
+7. Learner restarts: when the client hears a new learner instance (``client.rejoin_needed``:
+   the learner died and was restarted from its newest checkpoint, at an older version) the
+   actor keeps its engine and verifiers and rides through. The groups in flight were
+   generated for the replaced learner: they are dropped (``actor/groups_dropped_restart``)
+   and their prompts handed out again. The client rejoins as a new incarnation, and
+   nothing is generated until the engine has loaded a version the new learner published
+   (older than its own allowed: ``engine.allow_rewind``). Counted: ``actor/learner_rejoins``.
 
 Stop: ``request_stop()`` (thread-safe), SIGTERM (a handler is installed by ``run`` when it runs
 in the main thread; the previous one is restored at exit), the learner's ``Shutdown``,
@@ -52,7 +59,8 @@ Metrics (``client.send_metrics`` after each batch, also in the heartbeat): ``act
 ``actor/version_lag``, ``actor/policy_version``, ``actor/groups_sent``,
 ``actor/groups_dropped_verifier``, ``actor/prompts_skipped``, ``actor/weight_updates``,
 ``actor/verify_timeouts`` (verdicts that ran out of time, whatever they count as),
-``actor/lockstep_resyncs`` (deterministic mode: times the schedule was lost, e.g. by a restart).
+``actor/lockstep_resyncs`` (deterministic mode: times the schedule was lost, e.g. by a restart),
+``actor/learner_rejoins``, ``actor/groups_dropped_restart``.
 
 Not covered: multiple engines per actor; in-flight updates on the ``vllm``/``hf`` engines
 (they take weights between batches only).
@@ -79,7 +87,7 @@ from actors.prompts import PromptSource, split_reference, to_token_ids
 from actors.verifiers.verdict import is_error
 from common.lockstep import LockstepSchedule
 from common.schema import Int32Vector, Response, TrajectoryGroup
-from common.transport import ShutdownRequested
+from common.transport import LearnerRestarted, ShutdownRequested
 
 __all__ = ["Actor"]
 
@@ -152,8 +160,9 @@ class Actor:
             "groups_sent": 0, "groups_dropped_verifier": 0, "groups_dropped_stop": 0, "prompts_skipped": 0,
             "weight_updates": 0, "tokens": 0, "gen_s": 0.0, "verify_wait_s": 0.0, "weights_wait_s": 0.0,
             "admission_wait_s": 0.0, "send_wait_s": 0.0, "groups_started": 0, "lockstep_resyncs": 0,
-            "verify_timeouts": 0,
+            "verify_timeouts": 0, "learner_rejoins": 0, "groups_dropped_restart": 0,
         }
+        self._counts_base = (0, 0)  # groups (started, dropped) before the current incarnation
 
     # ------------------------------------------------------------------ control
     def request_stop(self, reason: str = "stop requested") -> None:
@@ -185,27 +194,35 @@ class Actor:
             while not self.stopping:
                 if max_groups is not None and started >= max_groups:
                     break
+                if self.client.rejoin_needed:  # the learner restarted from a checkpoint
+                    started -= self._rejoin(pending)
+                    pending = None
+                    continue
                 if self._lockstep is not None:  # deterministic mode: nothing in flight, the schedule's version
                     if pending is not None:
                         self._finish(pending, deadline=None)
                         pending = None
                     if not self._lockstep_weights():
+                        if self.client.rejoin_needed:
+                            continue
                         break
                 else:
                     self._maybe_update_weights()
-                if not self.client.admitted(self.engine.policy_version):
+                if not self._admitted():
                     if pending is not None:  # don't sit on finished work while waiting
                         self._finish(pending, deadline=None)
                         pending = None
                     if not self._wait_admission():
+                        if self.client.rejoin_needed:
+                            continue
                         break
                 # deterministic mode: the schedule is the admission (a batch is always whole)
-                room = None if self._lockstep is not None else self.client.admit_room(self.stats["groups_started"])
+                room = None if self._lockstep is not None else self.client.admit_room(self._started_here())
                 if room is not None and room <= 0:  # the learner's capacity rule: no room now
                     if pending is not None:  # sending it is what frees room
                         self._finish(pending, deadline=None)
                         pending = None
-                    if not self._wait_room():
+                    if not self._wait_room() and not self.client.rejoin_needed:
                         break
                     continue  # weights and the version rule again
                 n = self.prompts_per_batch if max_groups is None else min(self.prompts_per_batch, max_groups - started)
@@ -255,15 +272,53 @@ class Actor:
                 "policy_version": self.engine.policy_version}
 
     # ------------------------------------------------------------------ steps
+    def _admitted(self) -> bool:
+        """May a batch start now? Never while the engine waits for a restarted learner's weights."""
+        return not self.engine.rewinding and self.client.admitted(self.engine.policy_version)
+
+    def _rejoin(self, pending: _Batch | None) -> int:
+        """The learner was replaced by a new instance (restarted from its newest checkpoint,
+        at an older policy version). The groups in flight were generated for the old one: they
+        are dropped (``actor/groups_dropped_restart``) and their prompts handed out again (not
+        committed). The client becomes a new incarnation and the engine takes whatever version
+        the new learner publishes next, older ones included; nothing is generated until then.
+        Returns the number of prompts given back."""
+        if pending is not None:
+            for _, _, _, _, futs, _ in pending.prompts[pending.next_index:]:
+                for f in futs:
+                    f.cancel()
+        given_back = self.prompts.position - self.prompts.committed  # handed out, not handled
+        self.stats["groups_dropped_restart"] += given_back
+        self.prompts.rewind()
+        self.prompts.save()
+        self._counts_base = (self.stats["groups_started"],
+                             self.stats["groups_dropped_verifier"] + self.stats["groups_dropped_stop"])
+        self._fetched_for = -1
+        self._delay.clear()
+        self.engine.allow_rewind()
+        if self._lockstep is not None:  # resynchronised (and counted) on the new learner's first version
+            self._lockstep.step, self._lockstep.taken = 0, 0
+        self.stats["learner_rejoins"] += 1
+        inc = self.client.rejoin()
+        self.client.set_state(policy_version=self.engine.policy_version, in_flight=0, groups_started=0,
+                              groups_dropped=0)
+        log.warning("actor %s: the learner restarted: %d in-flight group(s) dropped, cursor back to %d, "
+                    "rejoined as incarnation %s; waiting for its weights", self.actor_id,
+                    given_back, self.prompts.committed, inc[:8])
+        return given_back
+
     def _wait_admission(self) -> bool:
-        """Wait until admitted, loading new weights as they are announced. False on stop."""
+        """Wait until admitted, loading new weights as they are announced. False on stop or
+        when the learner restarted (``client.rejoin_needed``)."""
         t0 = time.monotonic()
         try:
-            while not self.stopping:
-                if self.client.admitted(self.engine.policy_version):
+            while not self.stopping and not self.client.rejoin_needed:
+                if self._admitted():
                     return True
                 self._maybe_update_weights()
-                if self.client.wait_admitted(self.engine.policy_version, timeout=self.poll_s):
+                if self.engine.rewinding:  # no version of the new learner loaded yet
+                    self.client.wait_policy_update(self._fetched_for, timeout=self.poll_s)
+                elif self.client.wait_admitted(self.engine.policy_version, timeout=self.poll_s):
                     return True
             return False
         finally:
@@ -274,25 +329,30 @@ class Actor:
         weights as they are announced. False on stop."""
         t0 = time.monotonic()
         try:
-            while not self.stopping:
-                if self.client.wait_admit_room(self.stats["groups_started"], timeout=self.poll_s):
+            while not self.stopping and not self.client.rejoin_needed:
+                if self.client.wait_admit_room(self._started_here(), timeout=self.poll_s):
                     return True
                 self._maybe_update_weights()
             return False
         finally:
             self.stats["admission_wait_s"] += time.monotonic() - t0
 
+    def _started_here(self) -> int:
+        """Groups started by the current incarnation (the learner's capacity rule counts per incarnation)."""
+        return int(self.stats["groups_started"] - self._counts_base[0])
+
     def _report_counts(self) -> None:
-        """Groups started and dropped, for the learner's admission accounting (heartbeat)."""
-        self.client.set_state(groups_started=int(self.stats["groups_started"]),
-                              groups_dropped=int(self.stats["groups_dropped_verifier"] + self.stats["groups_dropped_stop"]))
+        """Groups started and dropped by this incarnation, for the learner's admission accounting (heartbeat)."""
+        dropped = self.stats["groups_dropped_verifier"] + self.stats["groups_dropped_stop"] - self._counts_base[1]
+        self.client.set_state(groups_started=self._started_here(), groups_dropped=int(dropped))
 
     def _maybe_update_weights(self) -> None:
         upd = self.client.latest_update
         if upd is not None and self._lag:
             self._update_lagged(upd.policy_version)
             return
-        if upd is None or upd.policy_version <= max(self.engine.policy_version, self._fetched_for):
+        floor = self._fetched_for if self.engine.rewinding else max(self.engine.policy_version, self._fetched_for)
+        if upd is None or upd.policy_version <= floor:
             return
         self._fetched_for = upd.policy_version  # one receive per announcement
         if self.weight_receiver is None:
@@ -304,7 +364,7 @@ class Actor:
         t0 = time.monotonic()
         before = self.engine.policy_version
         version = load_newest(self.weight_receiver, self.engine, self.cfg.async_.weight_sync_timeout_s)
-        if self.engine.policy_version > before:
+        if self.engine.policy_version != before:  # (older after a learner restart)
             self.stats["weight_updates"] += 1
         self.stats["weights_wait_s"] += time.monotonic() - t0
         self.client.set_state(policy_version=self.engine.policy_version)
@@ -320,7 +380,7 @@ class Actor:
         target = self._lockstep.step
         t0 = time.monotonic()
         try:
-            while not self.stopping:
+            while not self.stopping and not self.client.rejoin_needed:
                 upd = self.client.latest_update
                 if upd is not None and upd.policy_version >= target:
                     break
@@ -349,7 +409,8 @@ class Actor:
             if not self._delay or version > self._delay[-1][0]:
                 self._delay.append((version, state))
         target = announced - self._lag
-        ready = [(v, w) for v, w in self._delay if self.engine.policy_version < v <= target]
+        floor = -1 if self.engine.rewinding else self.engine.policy_version  # a restarted learner: any
+        ready = [(v, w) for v, w in self._delay if floor < v <= target]
         if ready:
             version, state = ready[-1]
             self.engine.load_weights(state, version)
@@ -357,7 +418,7 @@ class Actor:
             self.client.set_state(policy_version=version)
             log.info("actor %s: loaded policy version %d, %d behind the announced %d (actor_lag)", self.actor_id,
                      version, announced - version, announced)
-        while self._delay and (self._delay[0][0] <= self.engine.policy_version or len(self._delay) > self._lag + 1):
+        while self._delay and (self._delay[0][0] <= floor or len(self._delay) > self._lag + 1):
             self._delay.popleft()
         self.stats["weights_wait_s"] += time.monotonic() - t0
 
@@ -457,6 +518,9 @@ class Actor:
                                        min(min(s.versions()) for s in samples if s.token_ids))
             self._handled(batch, after)
         left = len(batch.prompts) - batch.next_index
+        if left and self.client.rejoin_needed:  # the learner restarted: _rejoin drops them
+            self.prompts.save()
+            return
         if left:
             self.stats["groups_dropped_stop"] += left
             log.warning("actor %s: stopping: %d in-flight group(s) dropped (prompts not committed: "
@@ -480,7 +544,7 @@ class Actor:
                 try:
                     if self.client.send_group(group, timeout=timeout):
                         return True
-                except ShutdownRequested:
+                except (ShutdownRequested, LearnerRestarted):
                     return False
                 if deadline is not None and time.monotonic() >= deadline:
                     return False

@@ -25,6 +25,8 @@ Contract
 - Output: one JSON line per evaluation in ``<run_dir>/eval.jsonl`` (policy_version, accuracy,
   greedy_accuracy, n, errors, seconds, final) and TensorBoard scalars ``eval/accuracy``,
   ``eval/greedy_accuracy`` under ``<run_dir>/tb/eval`` with the policy version as the step.
+- A learner restart (the learner re-publishes an older version from its checkpoint) is
+  ridden through: the client rejoins, and evaluations continue after the last one done.
 Not covered: benchmark suites (``actors.evaluate`` / ``launch/eval.py``), pass@k.
 """
 
@@ -168,25 +170,36 @@ class Evaluator:
         self._evaluate_final(poll_s, final_wait_s)
         return self.records
 
+    def _rejoin_if_restarted(self) -> None:
+        """The learner restarted from a checkpoint (an older version): rejoin it as a new
+        incarnation (so its Shutdown reaches this process) and let the engine take its versions,
+        older ones included. Evaluations go on after the last one done."""
+        if self.client.rejoin_needed:
+            self.client.rejoin()
+            self.engine.allow_rewind()
+            log.warning("the learner restarted: rejoined; evaluations continue after v%d",
+                        self.records[-1]["policy_version"] if self.records else 0)
+
     def _follow_newest(self, poll_s: float, next_v: int) -> None:
         """The newest version each time it has advanced by ``eval.every`` (skips while busy)."""
         every = self.cfg.eval.every
         while not self.client.shutdown_requested:
+            self._rejoin_if_restarted()
             upd = self.client.latest_update
             if upd is None or upd.policy_version < next_v:
                 time.sleep(poll_s)
                 continue
-            before = self.engine.policy_version
             version = load_newest(self.receiver, self.engine, self.cfg.async_.weight_sync_timeout_s)
-            if version > before:
+            if version >= next_v:  # (a restarted learner's older versions are loaded, not scored again)
                 self.evaluate(version)
-            next_v = (version // every + 1) * every
+            next_v = max(next_v, (version // every + 1) * every)
 
     def _follow_snapshots(self, poll_s: float, next_v: int) -> None:
         """Deterministic mode: exactly versions every, 2·every, ... from the files the learner
         writes (``common.lockstep.eval_weights_path``), each deleted once scored."""
         every = self.cfg.eval.every
         while True:
+            self._rejoin_if_restarted()
             stopped = self.client.shutdown_requested  # read first: the learner writes every file before it stops
             path = eval_weights_path(self.run_dir, next_v)
             if path.is_file():

@@ -44,7 +44,7 @@ def load_newest(receiver, engine, timeout_s: float) -> int:
 def _receive_into(receiver, engine, timeout_s: float) -> int:
     """``receiver.receive`` in this process, then ``engine.load_weights`` if it is newer."""
     version, state = receiver.receive(timeout_s=timeout_s, copy=True)
-    if version > engine.policy_version:
+    if version > engine.policy_version or engine.rewinding:
         engine.load_weights(state, version)
     return engine.policy_version
 

@@ -21,11 +21,12 @@ Contract
    process outlives ``run_local``. A learner that dies (non-zero exit) is restarted from
    its newest checkpoint (``checkpoint.resume`` set in the saved config) up to
    ``run.max_learner_restarts`` times after ``run.learner_restart_backoff_s``; the actors
-   and the evaluator restart with it (one learner incarnation each: their prompt cursors
-   and ``eval.jsonl`` persist, so no prompt is skipped and no evaluation repeated). Steps
-   trained after that checkpoint are trained again (their ``metrics.jsonl`` rows appear
-   twice; the later ones count) and groups received after it are not replayed (at most
-   ``checkpoint.every`` steps' worth). The live view and the summary count the restarts.
+   and the evaluator keep running and rejoin the new learner instance (``actors.actor``,
+   ``common.transport``): groups in flight are generated again, evaluations continue
+   after the last one. Steps trained after that checkpoint are trained again (their
+   ``metrics.jsonl`` rows appear twice; the later ones count); the groups the dead learner
+   had received and not trained by its checkpoint are gone, and the new learner reports
+   how many (``system/groups_lost_in_restart``). The live view and the summary count the restarts.
 5. At the end: ``<run_dir>/progress.png`` (reward and held-out accuracy against steps),
    ``<run_dir>/summary.json`` and the printed line
    ``held-out accuracy: A% -> B% in N steps`` (A: the starting policy; B: the mean of
@@ -234,11 +235,14 @@ def run_local(cfg, *, nproc_per_node: int = 1, live: bool = True) -> dict:
                                            start_new_session=True, cwd=str(ROOT))
         return procs[name]
 
+    def start_learner(config_path):
+        return spawn("learner", [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                 f"--nproc-per-node={nproc_per_node}", str(ROOT / "launch" / "learner.py"),
+                                 "--config", str(config_path)], gpus=cfg.actors.learner_gpus)
+
     def start_all(config_path):
         """The learner (torchrun), the evaluator and the actors' supervisor, all reading ``config_path``."""
-        learner = spawn("learner", [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                    f"--nproc-per-node={nproc_per_node}", str(ROOT / "launch" / "learner.py"),
-                                    "--config", str(config_path)], gpus=cfg.actors.learner_gpus)
+        learner = start_learner(config_path)
         if cfg.eval.every > 0 and cfg.eval.heldout_path:
             spawn("evaluator", [sys.executable, str(ROOT / "launch" / "actors.py"), "--evaluator", "--config",
                                 str(config_path)], gpus=(cfg.actors.gpus or "").split(",")[0] or None)
@@ -247,7 +251,7 @@ def run_local(cfg, *, nproc_per_node: int = 1, live: bool = True) -> dict:
 
     t0 = time.time()
     rc = None
-    learner_restarts, past_actor_restarts = 0, 0
+    learner_restarts = 0
     try:
         learner, sup = start_all(config_path)
         console.print(f"learner (torchrun, {nproc_per_node} rank(s)), {cfg.actors.num} actor(s)"
@@ -258,20 +262,17 @@ def run_local(cfg, *, nproc_per_node: int = 1, live: bool = True) -> dict:
             while interrupted["sig"] is None:
                 rc = learner.poll()
                 if rc is not None and rc != 0 and learner_restarts < cfg.run.max_learner_restarts:
-                    # the learner died: everything restarts from its newest checkpoint (actors and
-                    # the evaluator follow one learner incarnation; their cursors and eval.jsonl persist)
+                    # the learner died: it restarts from its newest checkpoint; the actors and the
+                    # evaluator ride through (they rejoin the new learner instance, actors.actor)
                     learner_restarts += 1
                     console.print(f"[yellow]learner exited with {rc}: restart {learner_restarts}/"
                                   f"{cfg.run.max_learner_restarts} from its newest checkpoint in "
                                   f"{cfg.run.learner_restart_backoff_s:.0f} s[/yellow]")
-                    past_actor_restarts += sup.restarts()
-                    sup.stop(grace_s=cfg.actors.stop_grace_s + 5)
-                    for name in ("learner", "evaluator"):
-                        _stop(procs.get(name), 15.0, name)
+                    _stop(learner, 15.0, "learner")  # (its process group: nothing of it left)
                     time.sleep(cfg.run.learner_restart_backoff_s)
                     cfg = cfg.model_copy(update={"checkpoint": cfg.checkpoint.model_copy(update={"resume": True})})
                     config_path = save_resolved(cfg, run_dir)
-                    learner, sup = start_all(config_path)
+                    learner = start_learner(config_path)
                     rc = None
                     continue
                 if rc is not None:
@@ -312,7 +313,7 @@ def run_local(cfg, *, nproc_per_node: int = 1, live: bool = True) -> dict:
     metrics = _read_jsonl(run_dir / "metrics.jsonl")
     steps = metrics[-1]["step"] if metrics else 0
     summary = summarize(run_dir, cfg.eval.last_n, steps, elapsed)
-    summary["actor_restarts"] = past_actor_restarts + (sup.restarts() if sup else 0)
+    summary["actor_restarts"] = sup.restarts() if sup else 0
     summary["learner_restarts"] = learner_restarts
     if warm is not None:
         summary["warmup"] = {k: warm.get(k) for k in ("key", "cached", "model_dir") if k in warm}

@@ -76,9 +76,11 @@ __all__ = [
     "validate",
 ]
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 # 1 -> 2: Hello.generates, Heartbeat.groups_started/groups_dropped, Credit.admit_total (the
-# learner's capacity-based admission). A peer of another version is rejected by name.
+# learner's capacity-based admission). 2 -> 3: Credit.incarnation and Ack.incarnation (an
+# actor that rejoins a restarted learner as a new incarnation ignores what was meant for its
+# old one). A peer of another version is rejected by name.
 MAX_MESSAGE_BYTES = 64 << 20  # default bound of one encoded envelope [bytes]
 LOGP_TOL = 1e-4  # a log-prob above this is not a log-prob (float32 rounding slack) [nats]
 
@@ -320,6 +322,7 @@ class Credit(_Body, tag="credit"):
     policy_version: NonNeg
     max_staleness: NonNeg
     admit_total: NonNeg | None = None
+    incarnation: ShortStr | None = None  # the actor incarnation it is for (None: any)
 
 
 class Ack(_Body, tag="ack"):
@@ -328,6 +331,7 @@ class Ack(_Body, tag="ack"):
     actor may close without its closing racing anything in flight."""
 
     seq: NonNeg
+    incarnation: ShortStr | None = None  # the actor incarnation it is for (None: any)
 
 
 class Shutdown(_Body, tag="shutdown"):

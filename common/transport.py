@@ -51,6 +51,14 @@ Invariants
   that the log-prob checks of all their groups are one vectorised pass.
 - Liveness: an actor is alive while its last message is younger than ``peer_timeout_s``
   and it has not said goodbye or been replaced.
+- Learner restarts: every learner instance has its own id (``Envelope.incarnation`` of its
+  messages). A client that hears a new one forgets the old one's state (version, credits,
+  eta, admission) and, until its owner calls ``rejoin()`` (a new incarnation: seq from 0),
+  admits nothing, sends nothing (``LearnerRestarted``) and heartbeats nothing; messages
+  from a replaced instance, and Credits/Acks addressed to another incarnation
+  (``Credit.incarnation``), are ignored. A learner instance that first hears of an
+  incarnation without its Hello (a heartbeat or group from an actor that talked to an
+  earlier instance) counts it from there (``joined_midway``): earlier seqs are not its loss.
 - Security: loopback endpoints (127.0.0.0/8, ::1, localhost, ipc, inproc) run without
   CURVE unless ``curve_force``; any other endpoint needs CURVE: the learner's secret key
   (``curve_secret_key``) and a folder of allowed actor public keys
@@ -68,8 +76,8 @@ thread per object owns the control socket and shares state with the caller under
 waking it through an inproc pipe.
 
 Not covered: moving weights (a ``PolicyUpdate`` only names a backend and a handle), the
-learner's staleness filtering of finished groups, recovery from a learner restart (actors
-should restart too: a new learner starts its accounting afresh), binding an actor id to a
+learner's staleness filtering of finished groups, what an actor does with groups it
+generated for a replaced learner (``actors.actor`` drops them), binding an actor id to a
 CURVE key (any allowed key may claim any actor id), ordering across actors.
 """
 
@@ -116,6 +124,7 @@ __all__ = [
     "TransportError",
     "TransportSecurityError",
     "ShutdownRequested",
+    "LearnerRestarted",
     "LearnerServer",
     "ActorClient",
     "is_loopback",
@@ -133,6 +142,10 @@ class TransportError(RuntimeError):
 
 class TransportSecurityError(TransportError, ValueError):
     """An endpoint would be exposed without CURVE, or the CURVE key files are unusable."""
+
+
+class LearnerRestarted(TransportError):
+    """The learner this client talked to was replaced by a new instance: call ``rejoin()``."""
 
 
 class ShutdownRequested(TransportError):
@@ -288,6 +301,8 @@ class _Incarnation:
     dropped: int = 0              # of those never to be sent, from its latest heartbeat
     admit_sent: int | None = None  # the admit_total last sent to it
     taken_at_budget: int = 0      # consumed_next when the learner last set the budget
+    announced: bool = False       # this learner instance had its Hello
+    count_from: int = 0           # seqs below it are not this instance's to count lost
 
 
 _BATCH = 32                 # queued trajectory messages processed together
@@ -501,6 +516,8 @@ class LearnerServer:
                             rec = incs.get(key) or self._record(*key, promote=False)
                             last = (key, rec)
                         seq = env.seq
+                        if not rec.announced and rec.received == 0 and seq > rec.next_seq:
+                            self._joined_midway(rec, seq, group=True)
                         if seq == rec.next_seq:  # the common case, inline
                             rec.next_seq = seq + 1
                         elif not self._account(rec, seq):
@@ -532,12 +549,12 @@ class LearnerServer:
                             c["goodbyes"] += 1
                         rec.reported_sent = max(rec.reported_sent, body.groups_sent, env.seq)
                         self._close_incarnation(rec, "goodbye")
-                    acks.append((env.seq, ident))
+                    acks.append((env.seq, env.incarnation, ident))
             c["received"] += len(ready) - n_ready
         for seq, rec, ident in refund:
             self._consumed(seq, rec, ident)
-        for seq, ident in acks:  # the last thing this connection gets from us
-            self._send_traj(ident, Ack(seq=seq))
+        for seq, inc, ident in acks:  # the last thing this connection gets from us
+            self._send_traj(ident, Ack(seq=seq, incarnation=inc))
         return True
 
     def _send_traj(self, ident, body) -> None:
@@ -622,6 +639,18 @@ class LearnerServer:
         rec.next_seq = seq + 1
         return True
 
+    def _joined_midway(self, rec: _Incarnation, seq: int, group: bool) -> None:
+        """``rec`` was first heard of at ``seq`` (its first group's seq, or the groups_sent of
+        its first heartbeat) without a Hello: an actor that was talking to an earlier learner
+        instance (this one restarted), or whose Hello was lost. Its seqs below ``seq`` are not
+        counted lost by this instance (they may have gone to the earlier one); a first group
+        moves the sequence there. Caller holds the lock."""
+        if rec.count_from == 0:
+            self._c["joined_midway"] += 1
+        rec.count_from = max(rec.count_from, seq)
+        if group:
+            rec.next_seq = max(rec.next_seq, seq)
+
     def _mark_lost(self, rec: _Incarnation, start: int, stop: int) -> None:
         n = stop - start
         if n <= 0:
@@ -642,8 +671,9 @@ class LearnerServer:
             return
         rec.closed, rec.closed_why, rec.alive = True, why, False
         self._c["closed_incarnations"] += 1
-        if rec.reported_sent > rec.next_seq:
-            self._mark_lost(rec, rec.next_seq, rec.reported_sent)
+        start = max(rec.next_seq, rec.count_from)
+        if rec.reported_sent > start:
+            self._mark_lost(rec, start, rec.reported_sent)
             rec.next_seq = rec.reported_sent
 
     # ----------------------------------------------------------------- control
@@ -711,7 +741,7 @@ class LearnerServer:
         keys = ("received", "duplicates", "gaps", "lost", "late", "uncredited", "credits_granted",
                 "hellos", "heartbeats", "incarnations", "closed_incarnations", "goodbyes", "timeouts",
                 "policy_updates", "rejected_trajectory", "rejected_control", "auth_failures",
-                "handshake_failures")
+                "handshake_failures", "joined_midway")
         with self._lock:
             out = {k: self._c[k] for k in keys}
             out["rejected"] = sum(self._rejected.values())
@@ -762,7 +792,7 @@ class LearnerServer:
         admit = self._admit_total(rec)
         rec.admit_sent = admit
         return Credit(n=n, granted_total=rec.granted_total, policy_version=self._policy_version,
-                      max_staleness=self.max_staleness, admit_total=admit)
+                      max_staleness=self.max_staleness, admit_total=admit, incarnation=rec.incarnation)
 
     def _control_loop(self) -> None:
         poller = zmq.Poller()
@@ -859,10 +889,13 @@ class LearnerServer:
                 self._c["hellos"] += 1
                 rec = self._record(*key, promote=True)
                 rec.generates = body.generates
+                rec.announced = True
             elif kind is Heartbeat:
                 self._c["heartbeats"] += 1
-                if rec is None:  # e.g. its Hello was lost: a heartbeat announces it as well
-                    rec = self._record(*key, promote=True)
+                if rec is None:  # its Hello was lost, or it talked to an earlier learner instance:
+                    rec = self._record(*key, promote=True)  # a heartbeat announces it as well
+                    if body.groups_sent > 0:
+                        self._joined_midway(rec, body.groups_sent, group=False)
             elif rec is None:
                 return
             rec.identity = bytes(ident)
@@ -885,8 +918,9 @@ class LearnerServer:
                 rec.metrics.update(body.metrics)
                 if body.groups_sent > rec.reported_sent:
                     rec.reported_sent = body.groups_sent
-                    if rec.closed and rec.reported_sent > rec.next_seq:  # loss it has only now reported
-                        self._mark_lost(rec, rec.next_seq, rec.reported_sent)
+                    start = max(rec.next_seq, rec.count_from)
+                    if rec.closed and rec.reported_sent > start:  # loss it has only now reported
+                        self._mark_lost(rec, start, rec.reported_sent)
                         rec.next_seq = rec.reported_sent
             if not rec.alive and not (rec.closed or rec.leaving):
                 rec.alive = True
@@ -956,6 +990,9 @@ class ActorClient:
         self._latest_update: PolicyUpdate | None = None
         self._shutdown_reason: str | None = None
         self._learner_instance: str | None = None
+        self._learner_epoch = 0    # learner instances seen after the first
+        self._past_instances: collections.deque = collections.deque(maxlen=16)  # replaced ones
+        self._rejoin_needed = False  # a new learner instance: the caller must rejoin()
         self._learner_seen = 0.0
         self._policy_version = int(policy_version)
         self._in_flight = 0
@@ -1054,6 +1091,8 @@ class ActorClient:
             raise TransportError("client is not running")
         if self._shutdown_reason is not None:
             raise ShutdownRequested(self._shutdown_reason)
+        if self._rejoin_needed:
+            raise LearnerRestarted("the learner restarted: rejoin() before sending")
         seq = self._sent
         if self._granted <= seq and not self._await_credit(timeout):
             with self._cond:
@@ -1089,6 +1128,9 @@ class ActorClient:
             if self._shutdown_reason is not None:
                 self._caller_waiting = False
                 raise ShutdownRequested(self._shutdown_reason)
+            if self._rejoin_needed:
+                self._caller_waiting = False
+                raise LearnerRestarted("the learner restarted while waiting for credit: rejoin()")
             if self._granted > self._sent:
                 self._caller_waiting = False
                 return True
@@ -1138,7 +1180,8 @@ class ActorClient:
             return self._admitted(my_version)
 
     def _admitted(self, my_version: int) -> bool:
-        if self._shutdown_reason is not None or self._learner_version is None or self._eta is None:
+        if (self._shutdown_reason is not None or self._learner_version is None or self._eta is None
+                or self._rejoin_needed):
             return False
         return self._learner_version - my_version <= self._eta
 
@@ -1155,14 +1198,15 @@ class ActorClient:
             return self._admit_total is None or self._admit_total > started
 
         with self._cond:
-            self._cond.wait_for(lambda: room() or self._shutdown_reason is not None or self._closed, timeout)
-            return room() and self._shutdown_reason is None
+            self._cond.wait_for(lambda: room() or self._shutdown_reason is not None or self._closed
+                                or self._rejoin_needed, timeout)
+            return room() and self._shutdown_reason is None and not self._rejoin_needed
 
     def wait_admitted(self, my_version: int, timeout: float | None = None) -> bool:
         """Block until ``admitted(my_version)``; False on timeout or shutdown."""
         with self._cond:
             self._cond.wait_for(lambda: self._admitted(my_version) or self._shutdown_reason is not None
-                                or self._closed, timeout)
+                                or self._closed or self._rejoin_needed, timeout)
             return self._admitted(my_version)
 
     def wait_ready(self, timeout: float | None = None) -> bool:
@@ -1174,7 +1218,8 @@ class ActorClient:
         """The latest PolicyUpdate once its version is > ``newer_than`` (None on timeout/shutdown)."""
         def ready():
             u = self._latest_update
-            return (u is not None and u.policy_version > newer_than) or self._shutdown_reason is not None
+            return ((u is not None and u.policy_version > newer_than) or self._shutdown_reason is not None
+                    or self._rejoin_needed)
         with self._cond:
             self._cond.wait_for(ready, timeout)
             u = self._latest_update
@@ -1191,6 +1236,37 @@ class ActorClient:
     def wait_shutdown(self, timeout: float | None = None) -> bool:
         with self._cond:
             return self._cond.wait_for(lambda: self._shutdown_reason is not None, timeout)
+
+    # ------------------------------------------------------- learner restarts
+
+    @property
+    def rejoin_needed(self) -> bool:
+        """A new learner instance has answered (the old one died and was restarted): this
+        incarnation's credits, seqs and admission counts mean nothing to it. Until ``rejoin()``
+        nothing is admitted, ``send_group`` raises ``LearnerRestarted`` and no heartbeat goes out."""
+        return self._rejoin_needed
+
+    @property
+    def learner_epoch(self) -> int:
+        """How many times the learner has been replaced by a new instance since first contact."""
+        return self._learner_epoch
+
+    def rejoin(self) -> str:
+        """Become a new incarnation (fresh uuid, seq from 0, no credit, no groups started)
+        and announce it to the current learner instance with a Hello; returns the new
+        incarnation. Call from the thread that sends groups, with no group half-sent; the
+        caller's cumulative counts (``set_state``) must restart from 0 as well."""
+        with self._cond:
+            self.incarnation = uuid.uuid4().hex
+            self._sent, self._acked, self._granted = 0, -1, 0
+            self._groups_started = self._groups_dropped = self._in_flight = 0
+            self._admit_total, self._eta = None, None
+            self._rejoin_needed = False
+            self._c["rejoins"] += 1
+            inc = self.incarnation
+        log.info("transport: %s rejoins the restarted learner as incarnation %s", self.actor_id, inc[:8])
+        self._wake.put(("hello",))
+        return inc
 
     def set_state(self, policy_version: int | None = None, in_flight: int | None = None,
                   metrics: dict[str, float] | None = None, groups_started: int | None = None,
@@ -1223,7 +1299,9 @@ class ActorClient:
     # ------------------------------------------------------- control thread
 
     def _ctrl_send(self, body) -> None:
-        env = Envelope(SCHEMA_VERSION, self.actor_id, self.incarnation, self._ctrl_seq, time.time(), body)
+        with self._cond:
+            inc = self.incarnation
+        env = Envelope(SCHEMA_VERSION, self.actor_id, inc, self._ctrl_seq, time.time(), body)
         self._ctrl_seq += 1
         try:
             self._ctrl.send(encode(env), zmq.NOBLOCK)
@@ -1236,12 +1314,16 @@ class ActorClient:
                              groups_sent=self._sent, metrics=dict(self._metrics),
                              groups_started=self._groups_started, groups_dropped=self._groups_dropped)
 
+    def _hello(self) -> Hello:
+        with self._cond:
+            return Hello(policy_version=self._policy_version, pid=os.getpid(), host=_socket.gethostname()[:256],
+                         generates=self.generates)
+
     def _control_loop(self) -> None:
         poller = zmq.Poller()
         poller.register(self._ctrl, zmq.POLLIN)
         poller.register(self._wake.rx, zmq.POLLIN)
-        self._ctrl_send(Hello(policy_version=self._policy_version, pid=os.getpid(),
-                              host=_socket.gethostname()[:256], generates=self.generates))
+        self._ctrl_send(self._hello())
         hb = self.cfg.heartbeat_s
         next_hb = time.monotonic() + hb
         while True:
@@ -1254,6 +1336,9 @@ class ActorClient:
                             return
                         if cmd[0] == "metrics":
                             self._ctrl_send(ActorMetrics(metrics=cmd[1]))
+                        elif cmd[0] == "hello":  # a new incarnation (rejoin)
+                            self._ctrl_send(self._hello())
+                            next_hb = min(next_hb, time.monotonic() + hb)
                         elif cmd[0] == "goodbye":
                             self._ctrl_send(cmd[1])
                             hb = next_hb = float("inf")  # no heartbeats after goodbye
@@ -1261,7 +1346,8 @@ class ActorClient:
                     for frames in _drain(self._ctrl):
                         self._on_learner_message(frames)
                 if time.monotonic() >= next_hb:
-                    self._ctrl_send(self._heartbeat())
+                    if not self._rejoin_needed:  # the old incarnation says nothing to a new learner
+                        self._ctrl_send(self._heartbeat())
                     next_hb = time.monotonic() + hb
             except Exception:
                 log.exception("transport: actor control loop error")
@@ -1284,13 +1370,24 @@ class ActorClient:
         body = env.body
         kind = type(body)
         with self._cond:
+            if env.incarnation in self._past_instances:  # a straggler from a replaced learner
+                self._c["stale_learner_msgs"] += 1
+                return
             self._learner_seen = time.monotonic()
             if self._learner_instance != env.incarnation:
-                if self._learner_instance is not None:
+                if self._learner_instance is not None:  # the learner restarted: forget its state
+                    self._past_instances.append(self._learner_instance)
                     log.warning("transport: learner restarted (instance %s)", env.incarnation[:8])
                     self._c["learner_restarts"] += 1
+                    self._learner_epoch += 1
+                    self._rejoin_needed = True
+                    self._learner_version = self._latest_update = None
+                    self._eta = self._admit_total = None
                 self._learner_instance = env.incarnation
-            if kind is Credit:
+            if kind in (Credit, Ack) and (body.incarnation not in (None, self.incarnation)
+                                          or (kind is Credit and self._rejoin_needed)):
+                self._c["stale_incarnation_msgs"] += 1  # meant for an incarnation this client left
+            elif kind is Credit:
                 self._granted = max(self._granted, body.granted_total)
                 self._eta = body.max_staleness
                 self._admit_total = body.admit_total

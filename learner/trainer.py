@@ -59,6 +59,7 @@ import torch.distributed as dist
 
 from common import schema
 from common.config import PrimeRunConfig, save_resolved
+from common.jsonl import read_rows
 from common.lockstep import save_eval_weights
 from common.weight_sync.wire import tie_key
 from learner.checkpoint import (bytes_to_tensor, list_checkpoints, load_checkpoint, rng_state, save_checkpoint,
@@ -310,6 +311,18 @@ def weight_sync_metrics(sender, st) -> dict[str, float]:
     return out
 
 
+def groups_lost_since(metrics_path: Path, step: int, received_at_step: int) -> tuple[int, int]:
+    """(Groups a learner that died had received after checkpoint ``step`` (``received_at_step``
+    then), the loss it had itself counted in earlier restarts): from its last ``metrics.jsonl``
+    row past that step. Groups received after that row was written cannot be known (at most
+    one step's worth)."""
+    rows = [r for r in read_rows(metrics_path) if r.get("step", 0) > step and "system/groups_received" in r]
+    if not rows:
+        return 0, 0
+    last = rows[-1]
+    return (max(0, int(last["system/groups_received"] or 0) - int(received_at_step)),
+            int(last.get("system/groups_lost_in_restart") or 0))
+
 class Learner:
     """Owns the run: models, optimisers, counters and (rank 0) the I/O side."""
 
@@ -388,6 +401,13 @@ class Learner:
             for t in s.get("buffer", []):
                 self.ingest.buffer.append(schema.decode(tensor_to_bytes(t)).body)
             self.ingest.update_admission()  # the restored buffer holds room
+            c = self.ingest.counts
+            lost, before = groups_lost_since(self.run_dir / "metrics.jsonl", self.step, c["received"])
+            if max(c["lost_in_restart"], before) + lost:
+                c["lost_in_restart"] = max(c["lost_in_restart"], before) + lost
+            if lost:
+                log.warning("resumed at step %d: the previous learner had received %d group(s) after this "
+                            "checkpoint; they are gone (system/groups_lost_in_restart)", self.step, lost)
         return True
 
     # ------------------------------------------------------------------ weights

@@ -164,8 +164,8 @@ def test_deterministic_mode_repeats_a_run_exactly(tmp_path):
 def test_hostile_groups_garbage_and_a_killed_learner_the_run_completes(tmp_path):
     """A rogue client sends schema-valid but unusable groups and raw garbage to a live run;
     the learner rejects and counts them; then its worker is SIGKILLed: launch/run.py restarts
-    it (and the actors and the evaluator) from the newest checkpoint and the run completes
-    every step, with nothing left running."""
+    it from the newest checkpoint, the actor and the evaluator ride through (same processes,
+    rejoined as new incarnations) and the run completes every step, with nothing left running."""
     import random
 
     import zmq
@@ -215,6 +215,10 @@ def test_hostile_groups_garbage_and_a_killed_learner_the_run_completes(tmp_path)
     assert killed is not None and killed < 8, "the learner was never killed mid-run"
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["learner_restarts"] == 1 and summary["last_step"] == 8 and summary["last_policy_version"] == 8
+    assert summary["actor_restarts"] == 0  # the actor was not restarted: it rejoined
+    logs = {f.name: f.read_text() for f in (run_dir / "logs").glob("*.log")}
+    assert sum("rejoined as incarnation" in t for n, t in logs.items() if n.startswith("actor")) == 1, list(logs)
+    assert "the learner restarted: rejoined" in logs["evaluator.log"]
     rows = [json.loads(x) for x in metrics.read_text().splitlines()]
     before = [r for r in rows if r["step"] <= killed][: killed]
     assert before[-1]["system/ingest/rejected"] >= sent == len(hostile(seed=3))

@@ -217,6 +217,13 @@ def test_top_p_logprobs_are_of_the_renormalised_nucleus(case: Case):
     case.reference = new
     with pytest.raises(ValueError):
         case.engine.load_weights(case.tmp / "update-2", version=version - 1)
+    case.engine.allow_rewind()  # a restarted learner re-publishes an older version: taken once
+    assert case.engine.rewinding
+    case.engine.load_weights(case.tmp / "update-2", version=version - 1)
+    assert case.engine.policy_version == version - 1 and not case.engine.rewinding
+    with pytest.raises(ValueError):
+        case.engine.load_weights(case.tmp / "update-2", version=version - 2)
+    case.engine.load_weights(case.tmp / "update-2", version=version)
 
     T, top_p = case.temperature, 0.8
     groups = case.engine.generate(case.prompts, k=3, temperature=T, top_p=top_p, max_tokens=case.max_tokens, seed=2)

@@ -2,6 +2,7 @@
 and sent to a live in-process learner through the real transport (LearnerServer + ActorClient):
 each is rejected and counted by reason, and the learner trains on the good groups."""
 
+import json
 import sys
 from pathlib import Path
 
@@ -138,3 +139,19 @@ def test_the_buffer_and_the_counters_round_trip_through_a_checkpoint(learner, tm
     assert client.send_group(extra, timeout=10)
     groups, _ = again.ingest.next_batch(4, again.policy_version)
     assert [g.prompt_id for g in groups] == [g.prompt_id for g in good[4:]] + [extra.prompt_id]
+
+
+def test_groups_the_dead_learner_received_after_its_checkpoint_are_counted_lost(tmp_path):
+    """A learner resumed from the checkpoint of step 4 (10 groups received by then) reads the
+    dead learner's last metrics row past step 4: 25 received in all, 3 lost in an earlier
+    restart -> 15 more lost now. Rows of steps up to 4 do not count."""
+    from learner.trainer import groups_lost_since
+
+    path = tmp_path / "metrics.jsonl"
+    rows = [{"step": 3, "system/groups_received": 8.0}, {"step": 4, "system/groups_received": 10.0},
+            {"step": 5, "system/groups_received": 18.0},
+            {"step": 6, "system/groups_received": 25.0, "system/groups_lost_in_restart": 3.0}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert groups_lost_since(path, 4, 10) == (15, 3)
+    assert groups_lost_since(path, 6, 25) == (0, 0)  # nothing past the checkpoint
+    assert groups_lost_since(tmp_path / "none.jsonl", 4, 10) == (0, 0)

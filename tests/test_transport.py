@@ -35,6 +35,7 @@ from common.schema import (
 )
 from common.transport import (
     ActorClient,
+    LearnerRestarted,
     LearnerServer,
     ShutdownRequested,
     TransportSecurityError,
@@ -216,6 +217,73 @@ def test_new_incarnation_is_accepted_and_closes_the_old_ones_accounting(server):
     assert (env.incarnation, env.seq) == ("old", 3)
     cnt = srv.counters()
     assert (cnt["lost"], cnt["late"], cnt["received"]) == (1, 1, 5)
+    ctrl.close()
+    traj.close()
+
+
+def test_client_rejoins_a_restarted_learner_as_a_new_incarnation(server, client):
+    """The learner dies and a new instance binds the same addresses: the client notices the new
+    instance, forgets the old one's state (credits, version, admission), sends and admits
+    nothing until it rejoins, then starts afresh as a new incarnation: seqs from 0, credits
+    from the new learner only (not the old incarnation's), nothing counted lost."""
+    a = server(credit_window=4)
+    c = client(a)
+    a.publish_policy(5, "shm", "old")
+    assert wait_until(lambda: c.latest_update is not None and c.latest_update.policy_version == 5)
+    for i in range(3):
+        assert c.send_group(make_group(seed=i, version=5), timeout=10)
+    assert [a.recv_group(5).seq for _ in range(3)] == [0, 1, 2]
+    old_inc = c.incarnation
+    cfg = a.cfg.model_copy(update=dict(trajectory_addr=a.trajectory_endpoint, control_addr=a.control_endpoint))
+    a.close()  # dies without a Shutdown; the client's heartbeats now go nowhere
+    time.sleep(0.3)
+    assert not c.rejoin_needed and c.admitted(5)  # it cannot know yet
+    b = LearnerServer(cfg, max_staleness=1).start()
+    try:
+        b.publish_policy(3, "shm", "new")  # resumed from an older checkpoint
+        assert wait_until(c.__class__.rejoin_needed.fget.__get__(c), timeout=10)
+        assert c.learner_epoch == 1 and c.counters()["learner_restarts"] == 1
+        assert c.latest_update.policy_version == 3 and c.latest_update.handle == "new"
+        assert not c.admitted(5) and not c.admitted(3)
+        with pytest.raises(LearnerRestarted):
+            c.send_group(make_group(version=3), timeout=1)
+        time.sleep(0.3)  # heartbeat replies for the old incarnation keep coming: ignored
+        new_inc = c.rejoin()
+        assert new_inc != old_inc and c.incarnation == new_inc and c.groups_sent == 0
+        assert wait_until(lambda: c.admitted(3))
+        assert not c.admitted(1)  # eta from the new learner: 3 - 1 > 1
+        assert wait_until(lambda: c.credits == 4)  # the new learner's window, no more
+        for i in range(2):
+            assert c.send_group(make_group(seed=10 + i, version=3), timeout=10)
+        envs = [b.recv_group(5) for _ in range(2)]
+        assert [(e.incarnation, e.seq) for e in envs] == [(new_inc, 0), (new_inc, 1)]
+        assert wait_until(lambda: b.actor_info()["actor-0"]["incarnation"] == new_inc)
+        cnt = b.counters()
+        assert (cnt["received"], cnt["lost"], cnt["gaps"], cnt["uncredited"]) == (2, 0, 0, 0)
+        assert cnt["joined_midway"] <= 1  # the old incarnation's queued heartbeats, if they got there
+        c._read_trajectory_socket()  # the dead learner's last credits, still queued, change nothing
+        assert c.learner_epoch == 1 and not c.rejoin_needed
+    finally:
+        b.close()
+
+
+def test_an_incarnation_first_heard_midway_is_not_charged_for_seqs_before(server):
+    """Heartbeats and groups of an incarnation that talked to an earlier learner instance
+    (no Hello here; groups_sent 500): accounting starts where this instance first hears of it."""
+    srv = server()
+    ctrl = raw_dealer(srv.control_endpoint)
+    traj = raw_dealer(srv.trajectory_endpoint)
+    g = make_group()
+    ctrl.send(encode(make_envelope(Heartbeat(policy_version=0, in_flight=0, groups_sent=500), "a", "old", 7)))
+    assert wait_until(lambda: "a" in srv.actor_info())
+    for seq in (500, 502):  # 501 lost on the way: that one is this instance's loss
+        traj.send(encode(make_envelope(g, "a", "old", seq)))
+    assert [srv.recv_group(5).seq for _ in range(2)] == [500, 502]
+    ctrl.send(encode(make_envelope(Heartbeat(policy_version=0, in_flight=0, groups_sent=503), "a", "old", 8)))
+    ctrl.send(encode(make_envelope(Hello(policy_version=0), "a", "new", 0)))  # it rejoins
+    assert wait_until(lambda: srv.actor_info()["a"]["incarnation"] == "new")
+    cnt = srv.counters()
+    assert (cnt["joined_midway"], cnt["lost"], cnt["gaps"], cnt["received"]) == (1, 1, 1, 2)
     ctrl.close()
     traj.close()
 

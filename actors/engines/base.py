@@ -71,6 +71,17 @@ class Engine(ABC):
 
     def __init__(self, policy_version: int = 0) -> None:
         self._policy_version = int(policy_version)
+        self._rewind = False
+
+    def allow_rewind(self) -> None:
+        """Let the next load take any version, older ones included: a restarted learner
+        re-publishes the version of its checkpoint, which may be older than this engine's."""
+        self._rewind = True
+
+    @property
+    def rewinding(self) -> bool:
+        """``allow_rewind`` was called and no load has happened since."""
+        return self._rewind
 
     @property
     def policy_version(self) -> int:
@@ -93,9 +104,11 @@ class Engine(ABC):
 
     def load_weights(self, weights: Weights, version: int) -> None:
         """Replace the weights in place and record ``version`` as the policy version."""
-        check_version(self._policy_version, version)
+        if not self._rewind:
+            check_version(self._policy_version, version)
         self._load_weights(weights)
         self._policy_version = int(version)
+        self._rewind = False
 
     def join_weight_sync(self, backend: str, addr: str, *, timeout_s: float, connect_timeout_s: float,
                          label: str) -> None:

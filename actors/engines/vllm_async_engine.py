@@ -207,15 +207,17 @@ class VLLMAsyncEngine(Engine):
     def load_weights(self, weights: Weights, version: int) -> None:
         """Load ``weights`` as ``version``; safe to call while ``generate`` runs in another thread."""
         with self._update_lock:
-            check_version(self._policy_version, version)
+            if not self._rewind:
+                check_version(self._policy_version, version)
             if isinstance(weights, (str, os.PathLike)):
                 self._call(self._update(safetensors_files(weights), int(version)))
-                return
-            path = write_shm_safetensors(weights)
-            try:
-                self._call(self._update([path], int(version)))
-            finally:
-                os.unlink(path)
+            else:
+                path = write_shm_safetensors(weights)
+                try:
+                    self._call(self._update([path], int(version)))
+                finally:
+                    os.unlink(path)
+            self._rewind = False
 
     def _load_weights(self, weights: Weights) -> None:  # pragma: no cover - load_weights is overridden
         raise NotImplementedError

@@ -162,16 +162,18 @@ class VLLMEngine(Engine):
     def load_synced_weights(self, timeout_s: float) -> int:
         """Load the newest update the workers received (waiting up to ``timeout_s`` for one not
         taken before) if it is newer than the engine's version; returns the engine's version."""
-        res = self.llm.collective_rpc("prime_sync_load", args=(int(self._policy_version), float(timeout_s)))
+        floor = -1 if self._rewind else self._policy_version  # after allow_rewind: any version
+        res = self.llm.collective_rpc("prime_sync_load", args=(int(floor), float(timeout_s)))
         versions = {int(v) for v, _ in res}
         if len(versions) != 1:
             raise RuntimeError(f"workers received different versions {sorted(versions)}")
         (version,) = versions
-        if version > self._policy_version:
+        if version > floor:
             if not all(int(n) for _, n in res):
                 raise RuntimeError(f"weight reload loaded no tensors (per worker: {res})")
             self.llm.reset_prefix_cache()
             self._policy_version = version
+            self._rewind = False
         return self._policy_version
 
     def _reload(self, paths: list[str]) -> None:

@@ -399,7 +399,7 @@ class RunConfig(_Section):
         False,
         description="Deterministic mode: the same config and seed give the same run (batches, metrics, evaluations, summary line) whatever the machine's speed. The actor generates each batch with exactly the version at which the learner will consume it, one batch at a time (synchronous: slower, lag 0-1), the learner uses torch's deterministic algorithms, and the evaluator scores exactly every eval.every-th version from weights the learner writes to <run_dir>/eval_weights/ (deleted once scored). Needs one actor, async.actor_lag = 0 and an engine without in-flight updates; a restarted actor breaks the guarantee (counted as actor/lockstep_resyncs). [bool]",
     )
-    max_learner_restarts: int = Field(2, ge=0, description="launch/run.py: times a dead learner (non-zero exit) is restarted from its newest checkpoint, the actors and the evaluator with it; 0 = the run ends with it. [restarts]")
+    max_learner_restarts: int = Field(2, ge=0, description="launch/run.py: times a dead learner (non-zero exit) is restarted from its newest checkpoint (the actors and the evaluator keep running and rejoin it); 0 = the run ends with it. [restarts]")
     learner_restart_backoff_s: float = Field(5.0, ge=0.0, description="launch/run.py: wait before restarting a dead learner. [s]")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Learner device: cpu (gloo, even where a GPU exists), cuda (NCCL; an error without a GPU) or auto = cuda if available. [enum]")
 

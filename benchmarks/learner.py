@@ -35,7 +35,6 @@ import shutil
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -128,6 +127,18 @@ def synthetic_groups(n_groups: int, k: int, vocab: int, prompt_len: int, resp_le
     return groups
 
 
+def frozen_prm(args, model_dir: Path, tmp: Path) -> list[str]:
+    """--prm-update none is refused with the PRM equal to the reference (process rewards 0);
+    this benchmark times passes only, so the frozen PRM is the same weights under another
+    path (a symlink), which the config accepts."""
+    if args.prm_update != "none":
+        return []
+    link = Path(tmp) / "frozen-prm"
+    if not link.exists():
+        link.symlink_to(Path(model_dir).resolve(), target_is_directory=True)
+    return [f"model.prm_path={link}"]
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     gpu = torch.cuda.is_available()
@@ -181,7 +192,7 @@ def main(argv=None) -> dict:
         f"batch.prompts_per_step={args.groups}", f"batch.policy_mini_batch={mb}", f"batch.prm_mini_batch={mb}",
         f"batch.micro_batch_tokens={args.micro_batch_tokens}", f"prime.prm_update={args.prm_update}",
         f"loss.correction={args.correction}", "checkpoint.every=0", "checkpoint.save_hf=false",
-        "async.weight_sync=shm", f"generation.max_tokens={args.resp_len}",
+        "async.weight_sync=shm", f"generation.max_tokens={args.resp_len}", *frozen_prm(args, model_dir, tmp),
     ])
     sender = None
     if rank == 0 and args.weight_sync == "shm":

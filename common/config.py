@@ -14,6 +14,8 @@ Not covered: what each component does with its fields (see the component's modul
 
 from __future__ import annotations
 
+import os
+
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -53,7 +55,7 @@ class ModelConfig(_Section):
         description="Path of the policy's starting weights (transformers directory; the SFT model). [path]",
     )
     prm_path: str | None = Field(
-        None, description="Path of the implicit PRM's starting weights; null = policy_path (paper: PRM initialised from the SFT model). [path]"
+        None, description="Path of the implicit PRM's starting weights; null = policy_path (paper: PRM initialised from the SFT model). Every run saves its trained PRM to <run_dir>/final_prm. [path]"
     )
     ref: Literal["sft", "policy_old"] = Field(
         "sft",
@@ -102,7 +104,7 @@ class PrimeConfig(_Section):
     beta: float = Field(0.05, gt=0.0, description="β, scale of the implicit reward r_φ = β·q in the PRM loss. [dimensionless]")
     prm_update: Literal["after", "before", "none"] = Field(
         "after",
-        description="PRM update order: 'after' = single forward (paper default), 'before' = double forward (verl recipe), 'none' = frozen PRM. [enum]",
+        description="PRM update order: 'after' = single forward (paper default), 'before' = double forward (verl recipe), 'none' = frozen PRM (needs model.prm_path: a trained PRM, e.g. <run_dir>/final_prm of an earlier run; one equal to the reference is refused, its process rewards would all be 0). [enum]",
     )
     advantage: Literal["rloo", "grpo", "reinforce"] = Field(
         "rloo", description="Advantage estimator combined with process rewards (paper Eq. 5, 7, 8). [enum]"
@@ -441,6 +443,14 @@ class PrimeRunConfig(_Section):
                 "(e.g. loss.correction=truncate), which recomputes π_old")
         if lc.kl_coef > 0 and mc.ref == "policy_old":
             raise ValueError("loss.kl_coef > 0 needs a reference model: model.ref = policy_old has none (use model.ref=sft)")
+        p = self.prime
+        same = os.path.normpath(mc.prm_path or mc.policy_path) == os.path.normpath(mc.ref_path or mc.policy_path)
+        if p.prm_update == "none" and p.use_process_rewards and mc.ref == "sft" and same:
+            raise ValueError(
+                "prime.prm_update = none with model.prm_path " + ("unset" if mc.prm_path is None else "= model.ref_path")
+                + ": the frozen PRM is the reference model, so every process reward β·log(π_φ/π_ref) is 0 and the "
+                "run is silently outcome-only; set model.prm_path to a trained PRM (e.g. <run_dir>/final_prm of an "
+                "earlier run), or train outcome-only on purpose with prime.use_process_rewards=false")
 
     @model_validator(mode="after")
     def _cross(self):

@@ -17,6 +17,10 @@ Sweep file (YAML)::
       prime: ["prime.use_process_rewards=true"]
       rloo: ["prime.use_process_rewards=false"]
 
+In overrides, ``{output}`` is the sweep's output folder and ``{seed}`` the run's seed, so a
+cell may use what an earlier cell's run of the same seed left, e.g.
+``model.prm_path={output}/runs/online/seed{seed}/final_prm`` (cells run in file order).
+
 Contract: run ``(cell, seed)`` lives in ``<output>/runs/<cell>/seed<seed>`` and is finished
 when its ``summary.json`` says it reached the requested steps; finished runs are skipped, so
 an interrupted sweep resumes where it stopped. A failed run is reported and the sweep goes
@@ -132,12 +136,17 @@ def _check_overrides(sweep: Sweep) -> None:
     base = str(ROOT / sweep.base) if (ROOT / sweep.base).is_file() else sweep.base
     for cell, ovs in sweep.cells.items():
         try:
-            load_config(base, [*sweep.overrides, *ovs])
+            load_config(base, fill([*sweep.overrides, *ovs], Path("OUTPUT"), 0))
         except ConfigError as e:
             raise SweepError(f"cells.{cell}: {e}") from e
 
 
 # ------------------------------------------------------------------------------- runs
+
+
+def fill(overrides: list[str], output: Path, seed: int) -> list[str]:
+    """``{output}`` and ``{seed}`` in overrides replaced by the sweep's output folder and the seed."""
+    return [o.replace("{output}", str(output)).replace("{seed}", str(seed)) for o in overrides]
 
 
 def run_dir(output: Path, cell: str, seed: int) -> Path:
@@ -150,7 +159,7 @@ def run_command(sweep: Sweep, cell: str, seed: int, output: Path, python: str | 
            "--output-dir", str(run_dir(output, cell, seed))]
     if sweep.steps is not None:
         cmd += ["--steps", str(sweep.steps)]
-    return cmd + [*sweep.overrides, *sweep.cells[cell], f"run.seed={seed}"]
+    return cmd + fill([*sweep.overrides, *sweep.cells[cell]], output, seed) + [f"run.seed={seed}"]
 
 
 def finished(output: Path, cell: str, seed: int, steps: int | None) -> bool:

@@ -474,19 +474,28 @@ class Learner:
 
     def save_final(self) -> Path | None:
         """The policy in transformers format, with the tokenizer of ``model.tokenizer_path``
-        (or ``policy_path``), under <run_dir>/final, written to final.tmp then renamed. Call
-        on every rank (FSDP2 gathers the whole weights; rank 0 writes). The weights and the
-        config's ``dtype`` are ``model.dtype``, the serving dtype (the fp32 masters rounded,
-        as the actors get them); the masters themselves live in the checkpoints."""
+        (or ``policy_path``), under <run_dir>/final, written to final.tmp then renamed; the
+        implicit PRM (when there is one) likewise under <run_dir>/final_prm, loadable as
+        ``model.prm_path`` of a later run (a PRM trained beforehand, e.g. the frozen cell of
+        configs/sweeps/prm.yaml). Call on every rank (FSDP2 gathers the whole weights; rank 0
+        writes). The weights and the config's ``dtype`` are ``model.dtype``, the serving dtype
+        (the fp32 masters rounded, as the actors get them); the masters themselves live in
+        the checkpoints."""
         if not self.cfg.checkpoint.save_hf:
             return None
-        full = full_state_dict(self.models.policy) if self.sharded else None
+        out = self._save_hf(self.models.policy, "final")
+        if self.models.prm is not None:
+            self._save_hf(self.models.prm, "final_prm")
+        return out
+
+    def _save_hf(self, wrapped, name: str) -> Path | None:
+        full = full_state_dict(wrapped) if self.sharded else None
         if self.rank != 0:
             return None
-        out = self.run_dir / "final"
-        tmp = self.run_dir / "final.tmp"
+        out = self.run_dir / name
+        tmp = self.run_dir / f"{name}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        model = unwrap(self.models.policy)
+        model = unwrap(wrapped)
         dt = _dtype(self.cfg.model.dtype)
         model.save_pretrained(tmp, state_dict=cast_weights(full if full is not None else model.state_dict(), dt))
         conf = copy.deepcopy(model.config)  # save_pretrained records the masters' dtype; serving is dt
@@ -498,7 +507,7 @@ class Learner:
 
             AutoTokenizer.from_pretrained(tok_dir).save_pretrained(tmp)
         except (OSError, ValueError) as e:
-            log.warning("final policy saved without a tokenizer (%s: %s)", tok_dir, e)
+            log.warning("%s saved without a tokenizer (%s: %s)", name, tok_dir, e)
         shutil.rmtree(out, ignore_errors=True)
         tmp.rename(out)  # readers (the evaluator) see a complete directory or none
         return out

@@ -63,6 +63,8 @@ def test_bad_values_name_the_field(override, field):
     (["loss.kl_coef=0.1", "model.ref=policy_old"], ["loss.kl_coef", "model.ref"]),
     (["run.deterministic=true", "actors.num=2"], ["run.deterministic", "actors.num"]),
     (["run.deterministic=true", "async.max_staleness=2", "async.actor_lag=1"], ["async.actor_lag"]),
+    (["prime.prm_update=none"], ["prime.prm_update", "model.prm_path", "outcome-only"]),  # PRM = reference
+    (["prime.prm_update=none", "model.prm_path=m/sft", "model.ref_path=m/./sft"], ["model.ref_path"]),
 ])
 def test_silent_combinations_are_refused_naming_the_fields(overrides, fields):
     with pytest.raises(ConfigError) as e:
@@ -71,6 +73,8 @@ def test_silent_combinations_are_refused_naming_the_fields(overrides, fields):
         assert f in str(e.value), str(e.value)
     load_config(TINY, ["generation.engine=vllm-async", "loss.correction=truncate"])  # the fixed forms load
     load_config(TINY, ["loss.kl_coef=0.1"])
+    load_config(TINY, ["prime.prm_update=none", "model.prm_path=runs/x/final_prm"])  # a trained PRM
+    load_config(TINY, ["prime.prm_update=none", "prime.use_process_rewards=false"])  # outcome-only on purpose
 
 
 @pytest.mark.parametrize("override, field", [("prime.bta=0.1", "prime.bta"), ("nosuch.key=1", "nosuch")])

@@ -127,6 +127,10 @@ def test_two_rank_learner_over_real_transport(tmp_path, parallel):
     start = AutoModelForCausalLM.from_pretrained(cfg.model.policy_path)
     diff = sum(float((a - b).detach().abs().sum()) for a, b in zip(final.parameters(), start.parameters()))
     assert diff > 0
+    prm = AutoModelForCausalLM.from_pretrained(run / "final_prm")  # the trained implicit PRM, loadable
+    d_prm = sum(float((a - b).detach().abs().sum()) for a, b in zip(prm.parameters(), start.parameters()))
+    d_pol = sum(float((a - b).detach().abs().sum()) for a, b in zip(prm.parameters(), final.parameters()))
+    assert d_prm > 0 and d_pol > 0  # trained, and not the policy
 
 
 def _full_params(learner):

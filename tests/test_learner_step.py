@@ -56,7 +56,9 @@ def params(model):
 @pytest.mark.parametrize("prm_update", ["after", "before", "none"])
 @pytest.mark.parametrize("correction", ["none", "truncate"])
 def test_step_updates_weights(prm_update, correction):
-    cfg = load_config(ROOT / "configs" / "tiny.yaml", BASE + [f"prime.prm_update={prm_update}", f"loss.correction={correction}"])
+    frozen = ["model.prm_path=a/trained/prm"] if prm_update == "none" else []  # (refused without one)
+    cfg = load_config(ROOT / "configs" / "tiny.yaml",
+                      BASE + [f"prime.prm_update={prm_update}", f"loss.correction={correction}", *frozen])
     models = make_models(cfg)
     batch = build_batch(make_groups(4, seed=1))
     p0, q0 = params(models.policy), params(models.prm)

@@ -116,6 +116,10 @@ class PrimeConfig(_Section):
     prime_norm: Literal["batch_norm", "none"] = Field(
         "batch_norm", description="Normalisation of process rewards before the leave-one-out (official default batch_norm). [enum]"
     )
+    process_credit: Literal["sum", "min"] = Field(
+        "sum",
+        description="Credit assignment of the process rewards: 'sum' = the return sums the rewards ahead (the paper); 'min' = PURE's min form (arXiv 2504.15275), a token's process value is the smallest reward ahead, with the estimator's baseline over the group's minima (learner/prime.py:min_form_process_returns). [enum]",
+    )
     use_process_rewards: bool = Field(
         True, description="False = outcome-only estimator (the paper's RLOO baseline); the PRM is then not used. [bool]"
     )

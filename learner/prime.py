@@ -27,6 +27,8 @@ __all__ = [
     "prm_ce_loss",
     "prime_batch_norm",
     "reverse_cumsum",
+    "reverse_cummin",
+    "min_form_process_returns",
     "place_on_last_token",
     "rloo_returns",
     "grpo_returns",
@@ -100,6 +102,17 @@ def reverse_cumsum(x: torch.Tensor, gamma: float = 1.0) -> torch.Tensor:
     return out
 
 
+def reverse_cummin(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Reverse cumulative minimum over the masked-in positions: out[b, t] = min of x[b, s]
+    over s ≥ t with mask[b, s] set (PURE's min-form value of position t).
+
+    Args: x, mask: [B, T]. Returns: [B, T], zero on padding.
+    """
+    big = torch.full((), torch.finfo(x.dtype).max, dtype=x.dtype, device=x.device)
+    filled = torch.where(mask > 0, x, big)
+    return zero_pad(filled.flip(-1).cummin(-1).values.flip(-1), mask)
+
+
 def place_on_last_token(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Put one value per response on its last response token (the EOS position).
 
@@ -123,6 +136,11 @@ def _float_dtype(outcome: torch.Tensor, process_rewards: torch.Tensor | None) ->
     if process_rewards is not None:
         return process_rewards.dtype
     return outcome.dtype if outcome.is_floating_point() else torch.float32
+
+
+def _check_credit(process_credit: str) -> None:
+    if process_credit not in ("sum", "min"):
+        raise ValueError(f"process_credit must be 'sum' or 'min', got {process_credit!r}")
 
 
 def _check_group(B: int, group_size: int, need: int = 2) -> None:
@@ -191,6 +209,47 @@ def _normed_process(process_rewards, mask, prime_norm):
 # ------------------------------------------------------------------------ §4 advantages
 
 
+def min_form_process_returns(
+    process_rewards: torch.Tensor,
+    mask: torch.Tensor,
+    group_size: int,
+    baseline: Literal["rloo", "grpo", "none"],
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """The process term of the returns under PURE's min-form credit assignment (Cheng et
+    al. 2025, arXiv 2504.15275): a token's process value is the worst reward still ahead,
+    V_{i,t} = min_{s≥t} r_{i,s}, instead of the sum Σ_{s≥t} r_{i,s}, so no run of high
+    rewards can buy a trajectory's value. With v_j = V_{j,0} (response j's minimum), the
+    estimator's baseline over the K responses of the group:
+      rloo: V_{i,t} − (Σ_{j≠i} v_j)/(K−1)
+      grpo: (V_{i,t} − mean_j v_j) / (std_j v_j + eps)      (std unbiased)
+      none: V_{i,t}                                          (REINFORCE)
+    (PURE computes the min through a softmax-weighted transform of the rewards whose sum
+    tends to it as its temperature goes to 0; this is the limit itself.)
+
+    Args: process_rewards, mask: [B, T]; group_size: K (≥ 2 unless baseline is none).
+    Returns: [B, T], zero on padding; a response without tokens has v = 0.
+    """
+    B, T = mask.shape
+    K = group_size
+    maskf = mask.to(process_rewards.dtype)
+    V = reverse_cummin(process_rewards, maskf)
+    if baseline == "none":
+        return V
+    _check_group(B, K)
+    big = torch.full((), torch.finfo(V.dtype).max, dtype=V.dtype, device=V.device)
+    v = torch.where(maskf > 0, process_rewards, big).min(-1).values
+    v = torch.where(maskf.sum(-1) > 0, v, torch.zeros_like(v)).view(B // K, K)
+    if baseline == "rloo":
+        b = (v.sum(-1, keepdim=True) - v) / (K - 1)
+        out = V.view(B // K, K, T) - b.unsqueeze(-1)
+    elif baseline == "grpo":
+        out = (V.view(B // K, K, T) - v.mean(-1, keepdim=True).unsqueeze(-1)) / (v.std(-1, keepdim=True).unsqueeze(-1) + eps)
+    else:
+        raise ValueError(f"baseline must be 'rloo', 'grpo' or 'none', got {baseline!r}")
+    return zero_pad(out.reshape(B, T), maskf)
+
+
 def rloo_returns(
     process_rewards: torch.Tensor | None,
     outcome: torch.Tensor,
@@ -199,6 +258,7 @@ def rloo_returns(
     process_baseline: Literal["official", "paper"] = "official",
     prime_norm: Literal["batch_norm", "none"] = "batch_norm",
     gamma: float = 1.0,
+    process_credit: Literal["sum", "min"] = "sum",
 ) -> torch.Tensor:
     """RLOO returns from process and outcome rewards (paper Eq. 5; §4).
 
@@ -208,7 +268,9 @@ def rloo_returns(
         paper:    r̃_{i,t} = r_{i,t} − (Σ_{j≠i} m_j)/(K−1)                (Eq. 5)
       outcome: r_o(y^i) − (1/(K−1)) Σ_{j≠i} r_o(y^j), placed on the last response token.
     Returns = Σ_{s≥t} γ^{s−t} (r̃^process_s + r̃^outcome_s), the two sources summed 1:1.
-    Whiten them with ``masked_whiten`` to get the advantages.
+    Whiten them with ``masked_whiten`` to get the advantages. ``process_credit="min"``:
+    the process term is PURE's min-form value with its RLOO baseline instead
+    (``min_form_process_returns``; γ then discounts the outcome term only).
 
     Args: process_rewards: [B, T] (q_t or β·q_t; the scale cancels under batch_norm) or
     None for outcome-only RLOO (the paper's baseline); outcome: [B]; mask: [B, T];
@@ -227,6 +289,9 @@ def rloo_returns(
 
     if process_rewards is not None:
         r = _normed_process(process_rewards.to(maskf.dtype), maskf, prime_norm)
+        if process_credit == "min":
+            return zero_pad(reverse_cumsum(total, gamma) + min_form_process_returns(r, maskf, K, "rloo"), maskf)
+        _check_credit(process_credit)
         m = masked_mean(r, maskf, dim=-1).view(B // K, K)  # per-response token mean
         g_sum = m.sum(-1, keepdim=True)  # Σ_j m_j
         if process_baseline == "official":
@@ -250,6 +315,7 @@ def grpo_returns(
     prime_norm: Literal["batch_norm", "none"] = "batch_norm",
     gamma: float = 1.0,
     eps: float = 1e-6,
+    process_credit: Literal["sum", "min"] = "sum",
 ) -> torch.Tensor:
     """GRPO with implicit process rewards (paper Eq. 7).
 
@@ -259,6 +325,8 @@ def grpo_returns(
     std (unbiased) over the K responses of the group. The normalised outcome term sits on
     the last token, so with γ = 1 every token of response i carries it.
 
+    ``process_credit="min"``: the process term is PURE's min-form value, normalised over the
+    group (``min_form_process_returns``).
     Args: as ``rloo_returns``; process_rewards None gives outcome-only GRPO.
     Returns: [B, T], zero on padding.
     """
@@ -271,6 +339,9 @@ def grpo_returns(
     total = place_on_last_token(o_n.reshape(B), mask)
     if process_rewards is not None:
         r = _normed_process(process_rewards.to(maskf.dtype), maskf, prime_norm)
+        if process_credit == "min":
+            return zero_pad(reverse_cumsum(total, gamma) + min_form_process_returns(r, maskf, K, "grpo", eps), maskf)
+        _check_credit(process_credit)
         m = masked_mean(r, maskf, dim=-1).view(B // K, K)
         mu, sd = m.mean(-1, keepdim=True), m.std(-1, keepdim=True)
         r_n = (r.view(B // K, K, T) - mu.unsqueeze(-1)) / (sd.unsqueeze(-1) + eps)
@@ -284,8 +355,10 @@ def reinforce_returns(
     mask: torch.Tensor,
     prime_norm: Literal["batch_norm", "none"] = "batch_norm",
     gamma: float = 1.0,
+    process_credit: Literal["sum", "min"] = "sum",
 ) -> torch.Tensor:
-    """REINFORCE with implicit process rewards (paper Eq. 8): A^i_t = r_o^i + Σ_{s≥t} r_{i,s}.
+    """REINFORCE with implicit process rewards (paper Eq. 8): A^i_t = r_o^i + Σ_{s≥t} r_{i,s}
+    (``process_credit="min"``: r_o^i + min_{s≥t} r_{i,s}, PURE's min form).
 
     With γ ≠ 1 the outcome (on the last token) and the process rewards are discounted
     together. Args: process_rewards: [B, T] or None; outcome: [B]; mask: [B, T].
@@ -294,7 +367,11 @@ def reinforce_returns(
     maskf = mask.to(_float_dtype(outcome, process_rewards))
     total = place_on_last_token(outcome.to(maskf.dtype), mask)
     if process_rewards is not None:
-        total = total + _normed_process(process_rewards.to(maskf.dtype), maskf, prime_norm)
+        r = _normed_process(process_rewards.to(maskf.dtype), maskf, prime_norm)
+        if process_credit == "min":
+            return zero_pad(reverse_cumsum(total, gamma) + min_form_process_returns(r, maskf, 1, "none"), maskf)
+        _check_credit(process_credit)
+        total = total + r
     return zero_pad(reverse_cumsum(total, gamma), maskf)
 
 

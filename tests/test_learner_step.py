@@ -74,6 +74,22 @@ def test_step_updates_weights(prm_update, correction):
         assert m["loss/prm_ce"] == pytest.approx(0.6931, abs=0.05)  # PRM = ref at start: σ(0) = 0.5
 
 
+def test_min_form_credit_runs_through_the_step_and_changes_the_advantages():
+    """prime.process_credit=min (PURE) reaches the returns: same batch and models, different
+    policy update than the sum form, everything finite."""
+    out = {}
+    for credit in ("sum", "min"):
+        # prm_update=before: the PRM moves off the reference first, so the process rewards are not all 0
+        cfg = load_config(ROOT / "configs" / "tiny.yaml", BASE + [f"prime.process_credit={credit}",
+                                                                  "prime.prm_update=before"])
+        models = make_models(cfg)
+        batch = build_batch(make_groups(4, seed=1))
+        m = prime_step(models, batch, cfg, policy_version=0)
+        assert all(v == v and abs(v) != float("inf") for v in m.values())
+        out[credit] = params(models.policy)
+    assert not torch.allclose(out["sum"], out["min"])
+
+
 def test_policy_moves_towards_correct_responses():
     # after a few steps on the same batch, correct responses gain log-prob relative to wrong ones
     cfg = load_config(ROOT / "configs" / "tiny.yaml", BASE + ["optim.policy.eps=1e-8", "prime.use_process_rewards=false"])

@@ -19,6 +19,7 @@ from learner.prime import (
     prm_ce_loss,
     regularised_loss,
     reinforce_returns,
+    reverse_cummin,
     reverse_cumsum,
     rloo_returns,
 )
@@ -227,7 +228,7 @@ def test_rloo_matches_naive_loop(baseline, prime_norm, gamma):
     close(out0, naive_rloo(None, b["outcome"], b["lengths"], 4, b["T"], baseline, prime_norm, gamma))
 
 
-@pytest.mark.parametrize("fn", ["rloo", "grpo", "reinforce"])
+@pytest.mark.parametrize("fn", ["rloo", "grpo", "reinforce", "rloo-min", "grpo-min", "reinforce-min"])
 def test_returns_padding_invariance(fn):
     b = random_batch(G=2, K=3, T=5, seed=4)
     r, mask, o = b["x"](), b["mask"], b["outcome"]
@@ -235,6 +236,9 @@ def test_returns_padding_invariance(fn):
         "rloo": lambda r, m: rloo_returns(r, o, m, 3),
         "grpo": lambda r, m: grpo_returns(r, o, m, 3),
         "reinforce": lambda r, m: reinforce_returns(r, o, m),
+        "rloo-min": lambda r, m: rloo_returns(r, o, m, 3, process_credit="min"),
+        "grpo-min": lambda r, m: grpo_returns(r, o, m, 3, process_credit="min"),
+        "reinforce-min": lambda r, m: reinforce_returns(r, o, m, process_credit="min"),
     }[fn]
     base = call(r, mask)
     # 1) garbage on padded positions
@@ -247,6 +251,75 @@ def test_returns_padding_invariance(fn):
     assert (wide[:, 5:] == 0).all() and (base[mask == 0] == 0).all()
 
 
+# ------------------------------------------------- PURE min-form credit assignment
+
+
+def test_reverse_cummin_hand_and_padding():
+    # row0 (3, 1, 2) -> (1, 1, 2); row1 (5, -1 | pad 9) -> (-1, -1, 0); padding never counts
+    x = torch.tensor([[3.0, 1.0, 2.0], [5.0, -1.0, -9.0]])
+    m = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    close(reverse_cummin(x, m), [[1.0, 1.0, 2.0], [-1.0, -1.0, 0.0]])
+
+
+def test_rloo_min_form_hand():
+    # min-form values V_t = min_{s>=t} r_s: row0 (0.3, 0, 0.3) -> (0, 0, 0.3), v0 = 0;
+    # row1 (0.6, -0.2) -> (-0.2, -0.2), v1 = -0.2; row2 (-0.6) -> (-0.6), v2 = -0.6
+    # leave-one-out baselines: b0 = (-0.2-0.6)/2 = -0.4, b1 = (0-0.6)/2 = -0.3, b2 = (0-0.2)/2 = -0.1
+    # process: row0 (0.4, 0.4, 0.7), row1 (0.1, 0.1), row2 (-0.5); plus the outcome returns
+    # (1, 1, 1), (-0.5, -0.5), (-0.5) of test_rloo_outcome_only_hand
+    out = rloo_returns(R3, O3, MASK3, group_size=3, prime_norm="none", process_credit="min")
+    close(out, [[1.4, 1.4, 1.7], [-0.4, -0.4, 0.0], [-1.0, 0.0, 0.0]])
+
+
+def naive_min_form(r, outcome, lengths, K, T, estimator, prime_norm, gamma):
+    rows = naive_norm(r, lengths, prime_norm)
+    out = torch.zeros(len(lengths), T, dtype=torch.float64)
+    for i, n in enumerate(lengths):
+        g0 = (i // K) * K
+        group = list(range(g0, g0 + K))
+        others = [j for j in group if j != i]
+        mins = [min(rows[j]) for j in group]
+        values = [min(rows[i][t:]) for t in range(n)]
+        o = [float(outcome[j]) for j in group]
+        if estimator == "rloo":
+            o_i = o[i - g0] - sum(float(outcome[j]) for j in others) / (K - 1)
+            proc = [v - sum(min(rows[j]) for j in others) / (K - 1) for v in values]
+        elif estimator == "grpo":
+            mu_o, mu_v = sum(o) / K, sum(mins) / K
+            sd_o = math.sqrt(sum((x - mu_o) ** 2 for x in o) / (K - 1))
+            sd_v = math.sqrt(sum((x - mu_v) ** 2 for x in mins) / (K - 1))
+            o_i = (o[i - g0] - mu_o) / (sd_o + 1e-6)
+            proc = [(v - mu_v) / (sd_v + 1e-6) for v in values]
+        else:
+            o_i, proc = o[i - g0], values
+        outcome_returns = naive_disc_returns([0.0] * (n - 1) + [o_i], gamma)
+        for t in range(n):
+            out[i, t] = outcome_returns[t] + proc[t]
+    return out
+
+
+@pytest.mark.parametrize("estimator", ["rloo", "grpo", "reinforce"])
+@pytest.mark.parametrize("prime_norm", ["batch_norm", "none"])
+@pytest.mark.parametrize("gamma", [1.0, 0.9])
+def test_min_form_matches_naive_loop(estimator, prime_norm, gamma):
+    b = random_batch(G=3, K=4, T=6, seed=5)
+    r, o, m = b["x"](), b["outcome"], b["mask"]
+    kw = dict(prime_norm=prime_norm, gamma=gamma, process_credit="min")
+    out = {"rloo": lambda: rloo_returns(r, o, m, 4, **kw), "grpo": lambda: grpo_returns(r, o, m, 4, **kw),
+           "reinforce": lambda: reinforce_returns(r, o, m, **kw)}[estimator]()
+    close(out, naive_min_form(r, o, b["lengths"], 4, b["T"], estimator, prime_norm, gamma))
+
+
+def test_min_form_is_not_bought_by_high_rewards():
+    # two responses with the same worst step: extra high rewards raise the sum-form value of
+    # the first token but leave the min-form one where it was
+    r = torch.tensor([[-1.0, 0.1, 0.1], [-1.0, 5.0, 5.0]])
+    m, o = torch.ones(2, 3), torch.zeros(2)
+    s = reinforce_returns(r, o, m, prime_norm="none")
+    n = reinforce_returns(r, o, m, prime_norm="none", process_credit="min")
+    assert s[1, 0] > s[0, 0] + 9 and n[0, 0] == n[1, 0] == -1.0
+
+
 def test_rloo_rejects_bad_groups():
     with pytest.raises(ValueError, match="group"):
         rloo_returns(None, torch.ones(5), torch.ones(5, 2), group_size=2)
@@ -254,6 +327,8 @@ def test_rloo_rejects_bad_groups():
         rloo_returns(None, torch.ones(4), torch.ones(4, 2), group_size=1)
     with pytest.raises(ValueError, match="process_baseline"):
         rloo_returns(torch.ones(4, 2), torch.ones(4), torch.ones(4, 2), 2, process_baseline="x")
+    with pytest.raises(ValueError, match="process_credit"):
+        rloo_returns(torch.ones(4, 2), torch.ones(4), torch.ones(4, 2), 2, process_credit="max")
 
 
 # ------------------------------------------------------------------- GRPO, REINFORCE

@@ -110,3 +110,21 @@ def test_soak_slope_and_roles_by_hand():
 
     here = soak.sample(os.getpid())  # this process's own tree: pytest at least
     assert sum(here.values()) > 10.0
+
+
+def test_credit_diagnosis_reads_problems_and_finds_the_slipped_step():
+    """benchmarks/credit.py: a prompt parsed back to its problem, the word layout of the
+    steps, and the one slipped step of a response the task diagnoses as a slip."""
+    from actors.tasks.arithmetic import Problem, Slip, diagnose, render_solution
+
+    credit = _load("credit")
+    p = credit.parse_problem("1 7 + 2 5 - 0 8 * 2", width=2)
+    assert p == Problem(start=17, ops=(("+", 25), ("-", 8), ("*", 2)), width=2)
+    text = render_solution(p, Slip(step=1, delta=2))  # 17+25 = 42 ; 42-8 = 36 (34 + 2) ; 36*2 = 72
+    words = text.split()
+    assert diagnose(p, text) == "slip" and words[-2] == "2" and words[-3] == "7"
+    layout = credit.step_layout(words)
+    assert len(layout) == 3 and all(words[e - 1] == "=" and words[end] == ";" for _, e, end in layout)
+    assert credit.slipped_step(p, words) == 1
+    assert words[layout[1][1]:layout[1][2]] == ["3", "6"]  # the slipped result's tokens
+    assert credit.slipped_step(p, render_solution(p).split()) is None  # no wrong step

@@ -19,7 +19,9 @@ run's starting policy) give every response token its process reward q_t = log π
   against chance (that result's share of the response's tokens);
 - scale: the mean |process term| against the mean |outcome term| of the RLOO returns the
   learner would compute for these groups (``learner.prime.rloo_returns`` with the run's
-  ``prime_norm`` and ``process_baseline``), per token;
+  ``prime_norm`` and ``process_baseline``), per token; and on the slip responses, each term
+  of the returns (outcome, process in sum form, process in PURE's min form) averaged over
+  the tokens before the slipped step, of the slipped step, and after it;
 - a last line ``localisation: argmin-q in the slipped result X% (chance Y%)``.
 
 Not covered: other tasks (there is no step structure to locate), PRMs other than the
@@ -133,7 +135,7 @@ def main(argv=None) -> dict:
     classes: dict[str, list[float]] = {}
     correct_pred, n = 0, 0
     where = {"before": [], "result": [], "step_rest": [], "after": []}
-    hits, chance = [], []
+    hits, chance, spans = [], [], []  # spans: (row, slipped step's first word, its result, its end)
     q_rows, outcomes = [], []
     eos = set(tok.convert_tokens_to_ids(["<eos>"]))
     for row, p_ids, group in zip(rows, prompts, groups):
@@ -155,6 +157,7 @@ def main(argv=None) -> dict:
             if k is None:
                 continue
             s0, e0, end = step_layout(words)[k]
+            spans.append((len(q_rows) - 1, s0, e0, end))
             qs = q.tolist()
             where["before"] += qs[:s0]
             where["step_rest"] += qs[s0:e0]
@@ -173,6 +176,18 @@ def main(argv=None) -> dict:
     outcome_only = rloo_returns(None, o, mask, K, **kw)
     process_part = rloo_returns(qpad * beta, o, mask, K, process_baseline=cfg.prime.process_baseline, **kw) - outcome_only
     on = mask > 0
+
+    def by_region(x: torch.Tensor) -> dict:
+        """Mean of a [B, T] return over the slip responses' regions."""
+        acc = {"before": [], "slipped_step": [], "after": []}
+        for i, s0, e0, end in spans:
+            acc["before"] += x[i, :s0].tolist()
+            acc["slipped_step"] += x[i, s0:end].tolist()
+            acc["after"] += x[i, end: len(q_rows[i])].tolist()
+        return {k: (statistics.fmean(v) if v else None) for k, v in acc.items()}
+
+    min_part = rloo_returns(qpad * beta, o, mask, K, process_baseline=cfg.prime.process_baseline,
+                            process_credit="min", **kw) - outcome_only
     out = {
         "responses": n, "prm_accuracy": correct_pred / n,
         "classes": {c: {"n": len(v), "mean_beta_sum_q": statistics.fmean(v)} for c, v in sorted(classes.items())},
@@ -182,6 +197,8 @@ def main(argv=None) -> dict:
         "slips_located": len(hits),
         "outcome_term_abs_mean": float(outcome_only[on].abs().mean()),
         "process_term_abs_mean": float(process_part[on].abs().mean()),
+        "slip_outcome_term": by_region(outcome_only), "slip_process_term_sum": by_region(process_part),
+        "slip_process_term_min": by_region(min_part),
         "policy": policy_dir, "prm": prm_dir, "ref": ref_dir,
     }
     print(f"{n} responses from {policy_dir} (K={K}); PRM {prm_dir} vs reference {ref_dir}")
@@ -193,6 +210,10 @@ def main(argv=None) -> dict:
     print(f"RLOO returns per token: |outcome term| {out['outcome_term_abs_mean']:.4f}, "
           f"|process term| {out['process_term_abs_mean']:.4f} "
           f"(ratio {out['process_term_abs_mean'] / max(out['outcome_term_abs_mean'], 1e-12):.3f})")
+    for key, label in (("slip_outcome_term", "outcome term"), ("slip_process_term_sum", "process term (sum form)"),
+                       ("slip_process_term_min", "process term (min form)")):
+        print(f"slip responses, {label} of the returns: " + ", ".join(
+            f"{k} {v:+.4f}" if v is not None else f"{k} -" for k, v in out[key].items()))
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1))
     if hits:

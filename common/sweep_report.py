@@ -175,6 +175,7 @@ def _curves(sweep, output: Path, x_key: str, path: Path, metric: str) -> Path | 
               ("prm/accuracy", "metrics.jsonl", "PRM accuracy")]
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.8))
     drew = False
+    colours = {cell: f"C{i % 10}" for i, cell in enumerate(sweep.cells)}  # one colour per cell in every panel
     for ax, (key, file, title) in zip(axes, panels):
         for cell in sweep.cells:
             series = []
@@ -197,8 +198,8 @@ def _curves(sweep, output: Path, x_key: str, path: Path, metric: str) -> Path | 
             hi = min(s[-1, 0] for s in series)
             grid = np.linspace(lo, hi, 60) if hi > lo else np.array([lo])
             ys = np.stack([np.interp(grid, s[:, 0], s[:, 1]) for s in series])
-            line, = ax.plot(grid, ys.mean(0), label=f"{cell} (n={len(series)})")
-            ax.fill_between(grid, ys.min(0), ys.max(0), color=line.get_color(), alpha=0.2)
+            ax.plot(grid, ys.mean(0), color=colours[cell], label=f"{cell} (n={len(series)})")
+            ax.fill_between(grid, ys.min(0), ys.max(0), color=colours[cell], alpha=0.2)
             drew = True
         ax.set_title(title)
         ax.set_xlabel("learner step" if x_key == "step" else "wall time [s]")

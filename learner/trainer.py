@@ -323,6 +323,7 @@ def groups_lost_since(metrics_path: Path, step: int, received_at_step: int) -> t
     return (max(0, int(last["system/groups_received"] or 0) - int(received_at_step)),
             int(last.get("system/groups_lost_in_restart") or 0))
 
+
 class Learner:
     """Owns the run: models, optimisers, counters and (rank 0) the I/O side."""
 
@@ -403,8 +404,9 @@ class Learner:
             self.ingest.update_admission()  # the restored buffer holds room
             c = self.ingest.counts
             lost, before = groups_lost_since(self.run_dir / "metrics.jsonl", self.step, c["received"])
-            if max(c["lost_in_restart"], before) + lost:
-                c["lost_in_restart"] = max(c["lost_in_restart"], before) + lost
+            total = max(c["lost_in_restart"], before) + lost  # (no key at all while nothing was lost)
+            if total:
+                c["lost_in_restart"] = total
             if lost:
                 log.warning("resumed at step %d: the previous learner had received %d group(s) after this "
                             "checkpoint; they are gone (system/groups_lost_in_restart)", self.step, lost)

@@ -124,6 +124,12 @@ class PrimeConfig(_Section):
         True, description="False = outcome-only estimator (the paper's RLOO baseline); the PRM is then not used. [bool]"
     )
     gamma: float = Field(1.0, ge=0.0, le=1.0, description="Discount over response tokens. [dimensionless]")
+    process_gamma: float | None = Field(
+        None, ge=0.0, le=1.0,
+        description="Discount γ_p of the process term alone (sum form): return_t = Σ γ^(s−t) outcome_s + Σ γ_p^(s−t) process_s; "
+        "null = gamma (the paper); 0 = each token keeps only its own process reward, so a penalty stays on the step the PRM "
+        "blames instead of reaching every token before it (docs/results.md §1). [dimensionless]",
+    )
     filter_low: float = Field(0.2, ge=0.0, le=1.0, description="Accuracy filter: keep a group iff its mean outcome >= this. [fraction]")
     filter_high: float = Field(0.8, ge=0.0, le=1.0, description="Accuracy filter: keep a group iff its mean outcome <= this. [fraction]")
     drop_truncated: bool = Field(
@@ -462,6 +468,9 @@ class PrimeRunConfig(_Section):
         p = self.prime
         if p.filter_low > p.filter_high:
             raise ValueError(f"prime.filter_low ({p.filter_low}) must be <= prime.filter_high ({p.filter_high})")
+        if p.process_gamma is not None and p.process_credit == "min":
+            raise ValueError("prime.process_gamma discounts the sum form's process returns; "
+                             "prime.process_credit = min has no discount (leave process_gamma null)")
         a = self.async_
         if a.actor_lag and a.actor_lag >= a.max_staleness:
             raise ValueError(f"async.actor_lag ({a.actor_lag}) must be < async.max_staleness ({a.max_staleness}): "

@@ -138,9 +138,20 @@ def _float_dtype(outcome: torch.Tensor, process_rewards: torch.Tensor | None) ->
     return outcome.dtype if outcome.is_floating_point() else torch.float32
 
 
-def _check_credit(process_credit: str) -> None:
+def _check_credit(process_credit: str, process_gamma: float | None = None) -> None:
     if process_credit not in ("sum", "min"):
         raise ValueError(f"process_credit must be 'sum' or 'min', got {process_credit!r}")
+    if process_gamma is not None and process_credit == "min":
+        raise ValueError("process_gamma discounts the sum form's process returns; the min form has no discount")
+
+
+def _discounted(outcome_term: torch.Tensor, process_term: torch.Tensor, maskf: torch.Tensor,
+                gamma: float, process_gamma: float | None) -> torch.Tensor:
+    """Σ_{s≥t} γ^{s−t} o_s + Σ_{s≥t} γ_p^{s−t} p_s on [B, T], zero on padding; γ_p = γ when
+    ``process_gamma`` is None (one discounted sum over both, the paper's form)."""
+    if process_gamma is None or process_gamma == gamma:
+        return zero_pad(reverse_cumsum(outcome_term + process_term, gamma), maskf)
+    return zero_pad(reverse_cumsum(outcome_term, gamma) + reverse_cumsum(process_term, process_gamma), maskf)
 
 
 def _check_group(B: int, group_size: int, need: int = 2) -> None:
@@ -259,6 +270,7 @@ def rloo_returns(
     prime_norm: Literal["batch_norm", "none"] = "batch_norm",
     gamma: float = 1.0,
     process_credit: Literal["sum", "min"] = "sum",
+    process_gamma: float | None = None,
 ) -> torch.Tensor:
     """RLOO returns from process and outcome rewards (paper Eq. 5; §4).
 
@@ -267,7 +279,10 @@ def rloo_returns(
         official: r̃_{i,t} = r_{i,t}·K/(K−1) − (Σ_{j=1..K} m_j)/(K−1)   (PRIME-RL code)
         paper:    r̃_{i,t} = r_{i,t} − (Σ_{j≠i} m_j)/(K−1)                (Eq. 5)
       outcome: r_o(y^i) − (1/(K−1)) Σ_{j≠i} r_o(y^j), placed on the last response token.
-    Returns = Σ_{s≥t} γ^{s−t} (r̃^process_s + r̃^outcome_s), the two sources summed 1:1.
+    Returns = Σ_{s≥t} γ^{s−t} (r̃^process_s + r̃^outcome_s), the two sources summed 1:1;
+    ``process_gamma`` γ_p (sum form only) discounts the process term on its own:
+    Σ_{s≥t} γ^{s−t} r̃^outcome_s + Σ_{s≥t} γ_p^{s−t} r̃^process_s (γ_p = 0: each token keeps
+    only its own process reward, which keeps the PRM's localisation of an error).
     Whiten them with ``masked_whiten`` to get the advantages. ``process_credit="min"``:
     the process term is PURE's min-form value with its RLOO baseline instead
     (``min_form_process_returns``; γ then discounts the outcome term only).
@@ -289,9 +304,9 @@ def rloo_returns(
 
     if process_rewards is not None:
         r = _normed_process(process_rewards.to(maskf.dtype), maskf, prime_norm)
+        _check_credit(process_credit, process_gamma)
         if process_credit == "min":
             return zero_pad(reverse_cumsum(total, gamma) + min_form_process_returns(r, maskf, K, "rloo"), maskf)
-        _check_credit(process_credit)
         m = masked_mean(r, maskf, dim=-1).view(B // K, K)  # per-response token mean
         g_sum = m.sum(-1, keepdim=True)  # Σ_j m_j
         if process_baseline == "official":
@@ -302,7 +317,7 @@ def rloo_returns(
             raise ValueError(
                 f"process_baseline must be 'official' or 'paper', got {process_baseline!r}"
             )
-        total = total + zero_pad(r_t.reshape(B, T), maskf)
+        return _discounted(total, zero_pad(r_t.reshape(B, T), maskf), maskf, gamma, process_gamma)
 
     return zero_pad(reverse_cumsum(total, gamma), maskf)
 
@@ -316,6 +331,7 @@ def grpo_returns(
     gamma: float = 1.0,
     eps: float = 1e-6,
     process_credit: Literal["sum", "min"] = "sum",
+    process_gamma: float | None = None,
 ) -> torch.Tensor:
     """GRPO with implicit process rewards (paper Eq. 7).
 
@@ -326,7 +342,7 @@ def grpo_returns(
     the last token, so with γ = 1 every token of response i carries it.
 
     ``process_credit="min"``: the process term is PURE's min-form value, normalised over the
-    group (``min_form_process_returns``).
+    group (``min_form_process_returns``). ``process_gamma``: as in ``rloo_returns``.
     Args: as ``rloo_returns``; process_rewards None gives outcome-only GRPO.
     Returns: [B, T], zero on padding.
     """
@@ -339,13 +355,13 @@ def grpo_returns(
     total = place_on_last_token(o_n.reshape(B), mask)
     if process_rewards is not None:
         r = _normed_process(process_rewards.to(maskf.dtype), maskf, prime_norm)
+        _check_credit(process_credit, process_gamma)
         if process_credit == "min":
             return zero_pad(reverse_cumsum(total, gamma) + min_form_process_returns(r, maskf, K, "grpo", eps), maskf)
-        _check_credit(process_credit)
         m = masked_mean(r, maskf, dim=-1).view(B // K, K)
         mu, sd = m.mean(-1, keepdim=True), m.std(-1, keepdim=True)
         r_n = (r.view(B // K, K, T) - mu.unsqueeze(-1)) / (sd.unsqueeze(-1) + eps)
-        total = total + zero_pad(r_n.reshape(B, T), maskf)
+        return _discounted(total, zero_pad(r_n.reshape(B, T), maskf), maskf, gamma, process_gamma)
     return zero_pad(reverse_cumsum(total, gamma), maskf)
 
 
@@ -356,22 +372,23 @@ def reinforce_returns(
     prime_norm: Literal["batch_norm", "none"] = "batch_norm",
     gamma: float = 1.0,
     process_credit: Literal["sum", "min"] = "sum",
+    process_gamma: float | None = None,
 ) -> torch.Tensor:
     """REINFORCE with implicit process rewards (paper Eq. 8): A^i_t = r_o^i + Σ_{s≥t} r_{i,s}
     (``process_credit="min"``: r_o^i + min_{s≥t} r_{i,s}, PURE's min form).
 
     With γ ≠ 1 the outcome (on the last token) and the process rewards are discounted
-    together. Args: process_rewards: [B, T] or None; outcome: [B]; mask: [B, T].
+    together, unless ``process_gamma`` (as in ``rloo_returns``) is set. Args: process_rewards: [B, T] or None; outcome: [B]; mask: [B, T].
     Returns: [B, T], zero on padding.
     """
     maskf = mask.to(_float_dtype(outcome, process_rewards))
     total = place_on_last_token(outcome.to(maskf.dtype), mask)
     if process_rewards is not None:
         r = _normed_process(process_rewards.to(maskf.dtype), maskf, prime_norm)
+        _check_credit(process_credit, process_gamma)
         if process_credit == "min":
             return zero_pad(reverse_cumsum(total, gamma) + min_form_process_returns(r, maskf, 1, "none"), maskf)
-        _check_credit(process_credit)
-        total = total + r
+        return _discounted(total, r, maskf, gamma, process_gamma)
     return zero_pad(reverse_cumsum(total, gamma), maskf)
 
 

@@ -298,7 +298,7 @@ def prime_step(models: Models, batch: RolloutBatch, cfg: PrimeRunConfig, policy_
     q_all = _all_gather_rows(q) if q is not None else None
     if q_all is not None:
         q_all = q_all[:, : mask_all.shape[1]]
-    kw = dict(prime_norm=pc.prime_norm, gamma=pc.gamma, process_credit=pc.process_credit)
+    kw = dict(prime_norm=pc.prime_norm, gamma=pc.gamma, process_credit=pc.process_credit, process_gamma=pc.process_gamma)
     if pc.advantage == "rloo":
         returns = rloo_returns(q_all, outcome_all, mask_all, K, process_baseline=pc.process_baseline, **kw)
     elif pc.advantage == "grpo":

@@ -65,6 +65,7 @@ def test_bad_values_name_the_field(override, field):
     (["run.deterministic=true", "async.max_staleness=2", "async.actor_lag=1"], ["async.actor_lag"]),
     (["prime.prm_update=none"], ["prime.prm_update", "model.prm_path", "outcome-only"]),  # PRM = reference
     (["prime.prm_update=none", "model.prm_path=m/sft", "model.ref_path=m/./sft"], ["model.ref_path"]),
+    (["prime.process_credit=min", "prime.process_gamma=0"], ["prime.process_gamma", "prime.process_credit"]),
 ])
 def test_silent_combinations_are_refused_naming_the_fields(overrides, fields):
     with pytest.raises(ConfigError) as e:
@@ -75,6 +76,7 @@ def test_silent_combinations_are_refused_naming_the_fields(overrides, fields):
     load_config(TINY, ["loss.kl_coef=0.1"])
     load_config(TINY, ["prime.prm_update=none", "model.prm_path=runs/x/final_prm"])  # a trained PRM
     load_config(TINY, ["prime.prm_update=none", "prime.use_process_rewards=false"])  # outcome-only on purpose
+    assert load_config(TINY, ["prime.process_gamma=0"]).prime.process_gamma == 0.0
 
 
 @pytest.mark.parametrize("override, field", [("prime.bta=0.1", "prime.bta"), ("nosuch.key=1", "nosuch")])

@@ -74,20 +74,23 @@ def test_step_updates_weights(prm_update, correction):
         assert m["loss/prm_ce"] == pytest.approx(0.6931, abs=0.05)  # PRM = ref at start: σ(0) = 0.5
 
 
-def test_min_form_credit_runs_through_the_step_and_changes_the_advantages():
-    """prime.process_credit=min (PURE) reaches the returns: same batch and models, different
-    policy update than the sum form, everything finite."""
+def test_credit_rules_run_through_the_step_and_change_the_advantages():
+    """prime.process_credit=min (PURE) and prime.process_gamma reach the returns: same batch
+    and models, a different policy update than the paper's sum form, everything finite;
+    process_gamma = gamma is the paper's form exactly."""
     out = {}
-    for credit in ("sum", "min"):
+    for name, extra in {"sum": [], "min": ["prime.process_credit=min"], "gamma_p0": ["prime.process_gamma=0"],
+                        "gamma_p1": ["prime.process_gamma=1"]}.items():
         # prm_update=before: the PRM moves off the reference first, so the process rewards are not all 0
-        cfg = load_config(ROOT / "configs" / "tiny.yaml", BASE + [f"prime.process_credit={credit}",
-                                                                  "prime.prm_update=before"])
+        cfg = load_config(ROOT / "configs" / "tiny.yaml", BASE + extra + ["prime.prm_update=before"])
         models = make_models(cfg)
         batch = build_batch(make_groups(4, seed=1))
         m = prime_step(models, batch, cfg, policy_version=0)
         assert all(v == v and abs(v) != float("inf") for v in m.values())
-        out[credit] = params(models.policy)
+        out[name] = params(models.policy)
     assert not torch.allclose(out["sum"], out["min"])
+    assert not torch.allclose(out["sum"], out["gamma_p0"])
+    assert torch.equal(out["sum"], out["gamma_p1"])
 
 
 def test_policy_moves_towards_correct_responses():

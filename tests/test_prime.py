@@ -379,6 +379,58 @@ def test_grpo_and_reinforce_match_naive_loop():
     close(reinforce_returns(r, o, b["mask"]), want_r)
 
 
+def naive_split_discount(r, o, lengths, K, estimator, gamma, process_gamma, eps=1e-6):
+    """Per-token outcome and process terms of each estimator, each discounted on its own."""
+    rows = naive_norm(r, lengths, "batch_norm")
+    out = torch.zeros(len(lengths), max(lengths), dtype=torch.float64)
+    for i, n in enumerate(lengths):
+        grp = range((i // K) * K, (i // K) * K + K)
+        os_ = [float(o[j]) for j in grp]
+        ms = [sum(rows[j]) / len(rows[j]) for j in grp]
+        mo, mm = sum(os_) / K, sum(ms) / K
+        if estimator == "rloo":
+            o_i = float(o[i]) - (sum(os_) - float(o[i])) / (K - 1)
+            proc = [x * K / (K - 1) - sum(ms) / (K - 1) for x in rows[i]]
+        elif estimator == "grpo":
+            so = math.sqrt(sum((x - mo) ** 2 for x in os_) / (K - 1))
+            sm = math.sqrt(sum((x - mm) ** 2 for x in ms) / (K - 1))
+            o_i = (float(o[i]) - mo) / (so + eps)
+            proc = [(x - mm) / (sm + eps) for x in rows[i]]
+        else:
+            o_i, proc = float(o[i]), list(rows[i])
+        a = naive_disc_returns([0.0] * (n - 1) + [o_i], gamma)
+        b = naive_disc_returns(proc, process_gamma)
+        for t in range(n):
+            out[i, t] = a[t] + b[t]
+    return out
+
+
+@pytest.mark.parametrize("estimator", ["rloo", "grpo", "reinforce"])
+@pytest.mark.parametrize("gamma,process_gamma", [(1.0, 0.0), (1.0, 0.5), (0.9, 0.0), (0.9, 1.0), (0.9, 0.9)])
+def test_process_gamma_matches_naive_loop(estimator, gamma, process_gamma):
+    b = random_batch(G=3, K=4, T=6, seed=5)
+    r, o, m = b["x"](), b["outcome"], b["mask"]
+    o[0:4] = torch.tensor([1.0, 0.0, 1.0, 0.0])  # GRPO needs outcome spread in group 0
+    kw = dict(gamma=gamma, process_gamma=process_gamma)
+    out = {"rloo": lambda: rloo_returns(r, o, m, 4, **kw), "grpo": lambda: grpo_returns(r, o, m, 4, **kw),
+           "reinforce": lambda: reinforce_returns(r, o, m, **kw)}[estimator]()
+    close(out, naive_split_discount(r, o, b["lengths"], 4, estimator, gamma, process_gamma))
+    if process_gamma == gamma:  # the paper's single discounted sum, unchanged
+        close(out, {"rloo": lambda: rloo_returns(r, o, m, 4, gamma=gamma), "grpo": lambda: grpo_returns(r, o, m, 4, gamma=gamma),
+                    "reinforce": lambda: reinforce_returns(r, o, m, gamma=gamma)}[estimator]())
+
+
+def test_process_gamma_zero_keeps_the_penalty_on_the_blamed_token():
+    # REINFORCE, r = (0, -1, 0) (the PRM blames token 1), r_o = 0:
+    #   γ_p = 1 (paper): (-1, -1, 0): token 0, correct, is penalised as much as token 1
+    #   γ_p = 0: (0, -1, 0): only the blamed token
+    r, o, m = torch.tensor([[0.0, -1.0, 0.0]]), torch.zeros(1), torch.ones(1, 3)
+    close(reinforce_returns(r, o, m, prime_norm="none"), [[-1.0, -1.0, 0.0]])
+    close(reinforce_returns(r, o, m, prime_norm="none", process_gamma=0.0), [[0.0, -1.0, 0.0]])
+    with pytest.raises(ValueError, match="process_gamma"):
+        reinforce_returns(r, o, m, process_credit="min", process_gamma=0.0)
+
+
 # ------------------------------------------------------------------------ masked whiten
 
 

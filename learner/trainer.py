@@ -330,6 +330,7 @@ class Learner:
     def __init__(self, cfg: PrimeRunConfig, server=None, sender=None, logger=None, sync_handle: str = ""):
         self.cfg = cfg
         self.sync_handle = sync_handle  # where actors fetch weights (shm channel / store address)
+        self._tokenizer = None  # loaded at the first final save (_save_hf)
         self.device = _init_dist(cfg.run.device)
         self.rank, self.world = world()
         torch.manual_seed(cfg.run.seed)
@@ -505,9 +506,11 @@ class Learner:
         conf.save_pretrained(tmp)
         tok_dir = self.cfg.model.tokenizer_path or self.cfg.model.policy_path
         try:  # a loadable model directory carries its tokenizer (vLLM and transformers read it)
-            from transformers import AutoTokenizer
+            if self._tokenizer is None:  # loaded once for final/ and final_prm/
+                from transformers import AutoTokenizer
 
-            AutoTokenizer.from_pretrained(tok_dir).save_pretrained(tmp)
+                self._tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+            self._tokenizer.save_pretrained(tmp)
         except (OSError, ValueError) as e:
             log.warning("%s saved without a tokenizer (%s: %s)", name, tok_dir, e)
         shutil.rmtree(out, ignore_errors=True)

@@ -131,6 +131,7 @@ def test_two_rank_learner_over_real_transport(tmp_path, parallel):
     d_prm = sum(float((a - b).detach().abs().sum()) for a, b in zip(prm.parameters(), start.parameters()))
     d_pol = sum(float((a - b).detach().abs().sum()) for a, b in zip(prm.parameters(), final.parameters()))
     assert d_prm > 0 and d_pol > 0  # trained, and not the policy
+    assert all((run / d / "tokenizer_config.json").is_file() for d in ("final", "final_prm"))  # both servable
 
 
 def _full_params(learner):

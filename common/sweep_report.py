@@ -9,7 +9,12 @@ seed and as mean ± 95% confidence interval (Student t over seeds), of
   paper measures sample efficiency); runs that never reach it are counted, not averaged;
 - ``seconds_per_step`` (steady-state wall time between logged steps, evaluation pauses
   included), ``version_lag_mean`` (realised lag of the
-  trained tokens), ``prm_accuracy`` (last ``window`` steps), ``mismatch_kl`` (mean over steps).
+  trained tokens), ``prm_accuracy`` (last ``window`` steps), ``mismatch_kl`` (mean over steps);
+
+and, paired on seed against the reference cell (the target's ``from_cell``, else the first
+cell), the per-seed differences of the final held-out accuracy and training reward with their
+mean ± 95% CI: the seeds share the warm-up model and the prompts, so the paired interval is
+the one that says whether two cells differ beyond seed noise.
 
 Writes ``summary.json``, ``summary.md`` (the table) and ``curves_step.png`` /
 ``curves_time.png`` (mean over seeds with a min–max band, against learner step and against
@@ -29,6 +34,7 @@ _T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 
          2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
          2.045, 2.042]
 
+PAIRED = ("final_heldout_accuracy", "final_train_reward")
 FIGURES = ("final_heldout_accuracy", "final_train_reward", "steps_to_target", "seconds_per_step",
            "version_lag_mean", "prm_accuracy", "mismatch_kl")
 
@@ -123,9 +129,29 @@ def collect(sweep, output: Path) -> dict:
             m, ci = mean_ci95(got)
             stats[fig] = {"per_seed": vals, "mean": m, "ci95": ci, "n": len(got)}
         cells[cell] = {"runs": len(runs), "seeds": sorted(runs), "overrides": sweep.cells[cell], "figures": stats}
+    ref = t.from_cell if t and t.from_cell else next(iter(sweep.cells))
     return {"sweep": sweep.name, "steps": sweep.steps, "seeds": sweep.seeds, "base": sweep.base,
             "overrides": sweep.overrides, "target": {"metric": metric, "window": window, "value": target,
-                                                     "from_cell": t.from_cell if t else None}, "cells": cells}
+                                                     "from_cell": t.from_cell if t else None}, "cells": cells,
+            "paired": {"reference": ref, "cells": paired_differences(per, ref)}}
+
+
+def paired_differences(per: dict[str, dict[int, dict]], ref: str) -> dict[str, dict]:
+    """Per cell other than ``ref``: for each figure in PAIRED, the per-seed difference
+    cell − ref over the seeds both finished, and its mean ± 95% CI."""
+    out = {}
+    base = per.get(ref, {})
+    for cell, runs in per.items():
+        if cell == ref:
+            continue
+        figs = {}
+        for fig in PAIRED:
+            diffs = {seed: f[fig] - base[seed][fig] for seed, f in sorted(runs.items())
+                     if seed in base and f.get(fig) is not None and base[seed].get(fig) is not None}
+            m, ci = mean_ci95(list(diffs.values()))
+            figs[fig] = {"per_seed": diffs, "mean": m, "ci95": ci, "n": len(diffs)}
+        out[cell] = figs
+    return out
 
 
 def _fmt(stat: dict, digits: int) -> str:
@@ -157,6 +183,14 @@ def markdown(summary: dict) -> str:
                 cell_txt += f" ({f[fig]['n']}/{c['runs']} reached)"
             cols.append(cell_txt)
         lines.append("| " + " | ".join(cols) + " |")
+    paired = summary.get("paired") or {}
+    if paired.get("cells"):
+        lines += ["", f"Paired on seed against `{paired['reference']}` (cell − reference, same seeds); a 95% CI "
+                  "that contains 0 means no difference beyond seed noise.", "",
+                  "| cell | seeds | Δ final held-out acc | Δ final train reward |", "|---|---|---|---|"]
+        for cell, figs in paired["cells"].items():
+            a, r = figs["final_heldout_accuracy"], figs["final_train_reward"]
+            lines.append(f"| {cell} | {a['n']} | {_fmt(a, 4)} | {_fmt(r, 4)} |")
     return "\n".join(lines) + "\n"
 
 

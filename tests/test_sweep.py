@@ -122,6 +122,26 @@ def test_report_from_finished_runs(tmp_path):
     assert finished(out, "a", 3, 4) and not finished(out, "a", 3, 5) and not finished(out, "b", 4, 4)
 
 
+def test_paired_differences_on_shared_seeds(tmp_path):
+    # the target comes from cell b: b is the reference
+    out = tmp_path / "out"
+    fake_run(out, "a", 3, [0.2, 0.6, 0.8, 0.8], 0.70)
+    fake_run(out, "a", 4, [0.2, 0.4, 0.6, 0.8], 0.74)
+    fake_run(out, "a", 5, [0.2, 0.4, 0.6, 0.8], 0.99)  # b has no seed 5: not paired
+    fake_run(out, "b", 3, [0.2, 0.3, 0.5, 0.5], 0.60)
+    fake_run(out, "b", 4, [0.2, 0.3, 0.5, 0.7], 0.70)
+    summary = write_report(load_sweep(write(tmp_path, GOOD), seeds=[3, 4, 5]), out)
+    p = summary["paired"]
+    assert p["reference"] == "b" and set(p["cells"]) == {"a"}
+    acc = p["cells"]["a"]["final_heldout_accuracy"]
+    # a − b per seed: 0.70 − 0.60 = 0.10, 0.74 − 0.70 = 0.04; mean 0.07, sd sqrt(0.0018)
+    assert acc["per_seed"] == {3: pytest.approx(0.10), 4: pytest.approx(0.04)} and acc["n"] == 2
+    assert acc["mean"] == pytest.approx(0.07) and acc["ci95"] == pytest.approx(12.706 * math.sqrt(0.0018) / math.sqrt(2))
+    rew = p["cells"]["a"]["final_train_reward"]  # last 2 steps: a (0.8, 0.7), b (0.5, 0.6) -> 0.3, 0.1
+    assert rew["per_seed"] == {3: pytest.approx(0.3), 4: pytest.approx(0.1)}
+    assert "Paired on seed against `b`" in (out / "summary.md").read_text()
+
+
 def test_finished_runs_are_skipped(tmp_path):
     s = load_sweep(write(tmp_path, GOOD), seeds=[3])
     out = tmp_path / "out"

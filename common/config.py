@@ -168,7 +168,7 @@ class LossConfig(_Section):
 
 
 class OptimizerConfig(_Section):
-    lr: float = Field(5e-7, gt=0.0, description="AdamW learning rate (constant). [1/step]")
+    lr: float = Field(5e-7, ge=0.0, description="AdamW learning rate (constant); 0 freezes the model, e.g. optim.policy.lr=0 fits an offline PRM on the starting policy's own samples (configs/sweeps/prm.yaml). [1/step]")
     weight_decay: float = Field(0.01, ge=0.0, description="AdamW decoupled weight decay. [dimensionless]")
     betas: tuple[_Beta, _Beta] = Field((0.9, 0.999), description="AdamW (β1, β2), each in [0, 1). [dimensionless]")
     eps: float = Field(1e-8, gt=0.0, description="AdamW ε. [dimensionless]")

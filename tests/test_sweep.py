@@ -179,10 +179,11 @@ def test_only_some_cells_keeps_the_target_cell(tmp_path):
 def test_presets_load_and_every_cell_is_a_valid_config(preset):
     s = load_sweep(preset)  # each cell's overrides are checked against the config schema
     assert len(s.seeds) >= 3 and s.target is not None
-    if preset.stem == "prm":  # the frozen cell takes the same seed's online PRM (cells run in order)
-        assert list(s.cells).index("online-after") < list(s.cells).index("frozen")
-        cmd = run_command(s, "frozen", 2, Path("/o"))
-        assert "model.prm_path=/o/runs/online-after/seed2/final_prm" in cmd and "run.seed=2" in cmd
+    if preset.stem == "prm":  # the offline cell takes the PRM fitted beside a frozen policy (cells run in order)
+        assert list(s.cells).index("offline-fit") < list(s.cells).index("offline")
+        assert "optim.policy.lr=0" in s.cells["offline-fit"]
+        cmd = run_command(s, "offline", 2, Path("/o"))
+        assert "model.prm_path=/o/runs/offline-fit/seed2/final_prm" in cmd and "run.seed=2" in cmd
     if preset.stem == "staleness":
         assert {"eta0-sync", "eta4-none", "eta4-decoupled", "eta8-icepop"} <= set(s.cells)
         assert "async.actor_lag=3" in s.cells["eta4-seq_mask"]

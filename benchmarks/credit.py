@@ -110,7 +110,7 @@ def main(argv=None) -> dict:
     from actors.engines import make_engine
     from actors.prompts import to_token_ids
     from common.config import load_config
-    from learner.prime import rloo_returns
+    from learner.prime import grpo_returns, reinforce_returns, rloo_returns
 
     run = Path(args.run_dir)
     cfg = load_config(run / "config.yaml")
@@ -188,8 +188,22 @@ def main(argv=None) -> dict:
 
     min_part = rloo_returns(qpad * beta, o, mask, K, process_baseline=cfg.prime.process_baseline,
                             process_credit="min", **kw) - outcome_only
+    mixed = o.view(-1, K).std(-1) > 0  # groups the accuracy filter would keep (0 < mean < 1)
+    rows_mixed = mixed.repeat_interleave(K)
+    estimators = {
+        "rloo": lambda r: rloo_returns(r, o, mask, K, process_baseline=cfg.prime.process_baseline, **kw),
+        "grpo": lambda r: grpo_returns(r, o, mask, K, **kw),
+        "reinforce": lambda r: reinforce_returns(r, o, mask, **kw),
+    }
+    scale = {}
+    for name, fn in estimators.items():
+        oo = fn(None)
+        pp = fn(qpad * beta) - oo
+        sel = on & rows_mixed[:, None]
+        scale[name] = float(pp[sel].abs().mean() / oo[sel].abs().mean().clamp_min(1e-12)) if sel.any() else None
     out = {
         "responses": n, "prm_accuracy": correct_pred / n,
+        "process_to_outcome_by_estimator": scale, "mixed_groups": int(mixed.sum()),
         "classes": {c: {"n": len(v), "mean_beta_sum_q": statistics.fmean(v)} for c, v in sorted(classes.items())},
         "slip_q_mean": {k: (statistics.fmean(v) if v else None) for k, v in where.items()},
         "slip_argmin_in_result": statistics.fmean(hits) if hits else None,
@@ -210,6 +224,8 @@ def main(argv=None) -> dict:
     print(f"RLOO returns per token: |outcome term| {out['outcome_term_abs_mean']:.4f}, "
           f"|process term| {out['process_term_abs_mean']:.4f} "
           f"(ratio {out['process_term_abs_mean'] / max(out['outcome_term_abs_mean'], 1e-12):.3f})")
+    print(f"|process term| / |outcome term| of the returns on the {out['mixed_groups']} groups with mixed outcomes: "
+          + ", ".join(f"{k} {v:.3f}" if v is not None else f"{k} -" for k, v in scale.items()))
     for key, label in (("slip_outcome_term", "outcome term"), ("slip_process_term_sum", "process term (sum form)"),
                        ("slip_process_term_min", "process term (min form)")):
         print(f"slip responses, {label} of the returns: " + ", ".join(

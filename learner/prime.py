@@ -378,7 +378,8 @@ def reinforce_returns(
     (``process_credit="min"``: r_o^i + min_{s≥t} r_{i,s}, PURE's min form).
 
     With γ ≠ 1 the outcome (on the last token) and the process rewards are discounted
-    together, unless ``process_gamma`` (as in ``rloo_returns``) is set. Args: process_rewards: [B, T] or None; outcome: [B]; mask: [B, T].
+    together, unless ``process_gamma`` (as in ``rloo_returns``) is set.
+    Args: process_rewards: [B, T] or None; outcome: [B]; mask: [B, T].
     Returns: [B, T], zero on padding.
     """
     maskf = mask.to(_float_dtype(outcome, process_rewards))

@@ -35,7 +35,7 @@ Contract
    its first group (``common.lockstep.LockstepSchedule`` replays the learner's intake from
    the verdicts of the groups sent); the capacity room is not consulted (a batch is always
    ``prompts_per_batch`` prompts). Every prompt is sampled from its own stream, seeded by
-   (generation seed, actor, policy version, prompt position), in every mode.
+   (generation seed, run seed, actor, policy version, prompt position), in every mode.
 6. After each handled group the prompt cursor is committed; it is saved after each batch
    and at exit, so a restarted actor (new client = new incarnation) resumes after the last
    handled prompt.
@@ -145,7 +145,8 @@ class Actor:
         self.detokenize = detokenize
         self._stop = threading.Event()
         self._stop_reason = ""
-        self._seed = int(cfg.generation.seed) + (zlib.crc32(actor_id.encode()) % (1 << 20)) * (1 << 30)
+        # run.seed reaches the sampling too: runs of different seeds sample different tokens
+        self._seed = mix_seed(int(cfg.generation.seed), int(cfg.run.seed), zlib.crc32(actor_id.encode()))
         self._warned_no_receiver = False
         self._fetched_for = -1  # newest announced version a receive was done for
         self._lag = int(cfg.async_.actor_lag)  # controlled staleness (0: load the newest)

@@ -97,7 +97,7 @@ class GenerationConfig(_Section):
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass. [probability]")
     max_tokens: int = Field(3072, ge=1, description="Maximum response length. [tokens]")
     max_prompt_tokens: int = Field(1024, ge=1, description="Prompts longer than this are skipped. [tokens]")
-    seed: int = Field(0, ge=0, description="Base sampling seed; each actor adds its id. [integer]")
+    seed: int = Field(0, ge=0, description="Base sampling seed, mixed with run.seed and each actor's id (so runs of different run.seed sample differently). [integer]")
 
 
 class PrimeConfig(_Section):

@@ -5,6 +5,8 @@ Contract
 - Sources, later wins: the model defaults below < a YAML file (``configs/*.yaml``) <
   dotted CLI overrides (``prime.beta=0.1 generation.k=8``). YAML and overrides are merged
   with OmegaConf (so ``${...}`` interpolation works); the result is validated by pydantic.
+- A YAML file may start from another: ``base: tiny.yaml`` (a path relative to the file) is
+  loaded first and the file's own keys win over it; bases chain, a cycle is an error.
 - Every field is typed and documented with its unit; an unknown key or a bad value raises
   ``ConfigError`` whose message names the dotted field (``prime.beta: ...``).
 - ``save_resolved`` writes the final config (``config.yaml``) into the run directory, so a
@@ -517,21 +519,32 @@ def _format_errors(err: ValidationError) -> str:
     return "invalid config:\n  " + "\n  ".join(lines)
 
 
+def _load_yaml(p: Path, seen: tuple[Path, ...]) -> DictConfig:
+    """The YAML file at ``p`` merged over its ``base:`` chain (the file's keys win)."""
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    if p.resolve() in seen:
+        raise ConfigError(f"{p}: 'base' chain loops back to itself")
+    node = OmegaConf.load(p)
+    if not isinstance(node, DictConfig):
+        raise ConfigError(f"{p}: a config must be a mapping at the top level")
+    if "base" not in node:
+        return node
+    parent = node.pop("base")
+    if not isinstance(parent, str) or not parent:
+        raise ConfigError(f"{p}: 'base' must be the path of another config file (got {parent!r})")
+    return OmegaConf.merge(_load_yaml(p.parent / parent, seen + (p.resolve(),)), node)
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> PrimeRunConfig:
-    """Build the run config: defaults < YAML file at ``path`` < dotted ``overrides``.
+    """Build the run config: defaults < YAML file at ``path`` (over its ``base:`` chain) <
+    dotted ``overrides``.
 
     Args: path: a YAML file or None; overrides: ``["prime.beta=0.1", "generation.k=8"]``.
     Raises: ConfigError naming the field for an unknown key, a bad value, or a malformed override.
     """
     try:
-        base = OmegaConf.create({})
-        if path is not None:
-            p = Path(path)
-            if not p.is_file():
-                raise ConfigError(f"config file not found: {p}")
-            base = OmegaConf.load(p)
-            if not isinstance(base, DictConfig):
-                raise ConfigError(f"{p}: a config must be a mapping at the top level")
+        base = OmegaConf.create({}) if path is None else _load_yaml(Path(path), ())
         for o in overrides:
             if "=" not in o or o.startswith("="):
                 raise ConfigError(f"override {o!r} is not of the form dotted.key=value")

@@ -103,6 +103,34 @@ def test_malformed_inputs(tmp_path):
         load_config(p)
 
 
+def test_base_chain_file_keys_win_and_loops_are_refused(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "root.yaml").write_text(f"base: {TINY}\nprime: {{beta: 0.3}}\neval: {{samples: 6}}\n")
+    (tmp_path / "sub" / "leaf.yaml").write_text("base: ../root.yaml\nprime: {beta: 0.2}\n")
+    cfg = load_config(tmp_path / "sub" / "leaf.yaml", ["eval.samples=2"])
+    # leaf beats root, root beats tiny.yaml, the override beats them all, tiny.yaml fills the rest
+    assert (cfg.prime.beta, cfg.eval.samples, cfg.generation.max_tokens) == (0.2, 2, 48)
+    assert load_config(tmp_path / "sub" / "leaf.yaml").eval.samples == 6
+    assert "base" not in cfg.to_dict()
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(ConfigError, match="loops back"):
+        load_config(tmp_path / "a.yaml")
+    (tmp_path / "c.yaml").write_text("base: nowhere.yaml\n")
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "c.yaml")
+    (tmp_path / "d.yaml").write_text("base: [1]\n")
+    with pytest.raises(ConfigError, match="'base' must be"):
+        load_config(tmp_path / "d.yaml")
+
+
+def test_long_chain_variant_changes_only_the_chain_length():
+    tiny, long = load_config(TINY).to_dict(), load_config(ROOT / "configs" / "tiny-long.yaml").to_dict()
+    diff = {f"{s}.{k}" for s in tiny for k in tiny[s] if tiny[s][k] != long[s][k]}
+    assert diff == {"run.output_dir", "task.steps", "generation.max_tokens", "warmup.max_new_tokens",
+                    "warmup.max_steps", "warmup.max_seconds"}
+
+
 def test_resolved_config_round_trip(tmp_path):
     cfg = load_config(TINY, ["prime.beta=0.125", "async.max_staleness=4"])
     out = save_resolved(cfg, tmp_path / "run")

@@ -173,8 +173,15 @@ def main(argv=None) -> dict:
         qpad[i, : len(q)], mask[i, : len(q)] = q, 1.0
     o = torch.tensor(outcomes, dtype=torch.float64)
     kw = dict(prime_norm=cfg.prime.prime_norm)
-    outcome_only = rloo_returns(None, o, mask, K, **kw)
-    process_part = rloo_returns(qpad * beta, o, mask, K, process_baseline=cfg.prime.process_baseline, **kw) - outcome_only
+    estimators = {
+        "rloo": lambda r: rloo_returns(r, o, mask, K, process_baseline=cfg.prime.process_baseline, **kw),
+        "grpo": lambda r: grpo_returns(r, o, mask, K, **kw),
+        "reinforce": lambda r: reinforce_returns(r, o, mask, **kw),
+    }
+    # per estimator: (outcome-only returns, process term = full returns - outcome-only)
+    terms = {name: (fn(None), fn(qpad * beta)) for name, fn in estimators.items()}
+    terms = {name: (oo, full - oo) for name, (oo, full) in terms.items()}
+    outcome_only, process_part = terms["rloo"]
     on = mask > 0
 
     def by_region(x: torch.Tensor) -> dict:
@@ -190,17 +197,9 @@ def main(argv=None) -> dict:
                             process_credit="min", **kw) - outcome_only
     mixed = o.view(-1, K).std(-1) > 0  # groups the accuracy filter would keep (0 < mean < 1)
     rows_mixed = mixed.repeat_interleave(K)
-    estimators = {
-        "rloo": lambda r: rloo_returns(r, o, mask, K, process_baseline=cfg.prime.process_baseline, **kw),
-        "grpo": lambda r: grpo_returns(r, o, mask, K, **kw),
-        "reinforce": lambda r: reinforce_returns(r, o, mask, **kw),
-    }
-    scale = {}
-    for name, fn in estimators.items():
-        oo = fn(None)
-        pp = fn(qpad * beta) - oo
-        sel = on & rows_mixed[:, None]
-        scale[name] = float(pp[sel].abs().mean() / oo[sel].abs().mean().clamp_min(1e-12)) if sel.any() else None
+    sel = on & rows_mixed[:, None]
+    scale = {name: float(pp[sel].abs().mean() / oo[sel].abs().mean().clamp_min(1e-12)) if sel.any() else None
+             for name, (oo, pp) in terms.items()}
     out = {
         "responses": n, "prm_accuracy": correct_pred / n,
         "process_to_outcome_by_estimator": scale, "mixed_groups": int(mixed.sum()),

@@ -1,6 +1,7 @@
 """benchmarks/learner.py: the FLOPs model against hand arithmetic and the real module, and one
 short run of the real learner on CPU (the GPU figures come from the same script on a GPU).
-benchmarks/staleness.py: its per-run figures against hand arithmetic."""
+benchmarks/staleness.py: its per-run figures against hand arithmetic; benchmarks/pipeline.py: its
+overlap figures against hand arithmetic."""
 
 import importlib.util
 from pathlib import Path
@@ -93,6 +94,21 @@ def test_staleness_run_figures_hand_computed():
     assert f["acc_start"] == 0.5 and f["acc_end"] == pytest.approx(0.8, abs=1e-12)
     with pytest.raises(ValueError, match="need more"):
         fig(rows[:2], evals, skip=1, last_n=2)
+
+
+def test_pipeline_overlap_figures_hand_computed():
+    of = _load("pipeline").overlap_figures
+    # sync: 2.0 s/step, 40% waiting -> Tgen 0.8, Ttrain 1.2; async 1.5 s/step
+    f = of({"s_per_step": 2.0, "wait_data_share": 0.4}, {"s_per_step": 1.5, "wait_data_share": 0.1})
+    assert (f["t_gen"], f["t_train"]) == (pytest.approx(0.8, abs=1e-12), pytest.approx(1.2, abs=1e-12))
+    assert f["speedup"] == pytest.approx(2.0 / 1.5, abs=1e-12)
+    assert f["bound"] == pytest.approx(2.0 / 1.2, abs=1e-12)  # (0.8 + 1.2) / max(0.8, 1.2)
+    assert f["ratio"] == pytest.approx((2.0 / 1.5) / (2.0 / 1.2), abs=1e-12)  # = 0.8
+    # generation-bound: Tgen 1.5 > Ttrain 0.5 -> bound 2.0 / 1.5; a perfect overlap gives ratio 1
+    f = of({"s_per_step": 2.0, "wait_data_share": 0.75}, {"s_per_step": 1.5, "wait_data_share": 0.6})
+    assert f["bound"] == pytest.approx(2.0 / 1.5, abs=1e-12) and f["ratio"] == pytest.approx(1.0, abs=1e-12)
+    with pytest.raises(ValueError, match="no learner compute"):
+        of({"s_per_step": 2.0, "wait_data_share": 1.0}, {"s_per_step": 1.0, "wait_data_share": 0.0})
 
 
 def test_soak_slope_and_roles_by_hand():

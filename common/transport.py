@@ -999,6 +999,8 @@ class ActorClient:
         self._metrics: dict[str, float] = {}
         self._ctrl_seq = 0
         self._c = collections.Counter()
+        self._hb_sent: float | None = None  # monotonic time of the heartbeat awaiting a Credit
+        self._hb_rtts: collections.deque = collections.deque(maxlen=1024)
         self._started = False
         self._closed = False
 
@@ -1289,6 +1291,12 @@ class ActorClient:
         """Send metrics to the learner now (control channel)."""
         self._wake.put(("metrics", {k: float(v) for k, v in metrics.items()}))
 
+    def heartbeat_rtts(self) -> list[float]:
+        """Control-plane latency: seconds from each heartbeat (the last 1024) to the next
+        Credit this client received (the learner's reply, or a push that crossed it)."""
+        with self._cond:
+            return list(self._hb_rtts)
+
     def counters(self) -> dict[str, int]:
         with self._cond:
             out = dict(self._c)
@@ -1348,6 +1356,8 @@ class ActorClient:
                 if time.monotonic() >= next_hb:
                     if not self._rejoin_needed:  # the old incarnation says nothing to a new learner
                         self._ctrl_send(self._heartbeat())
+                        with self._cond:
+                            self._hb_sent = self._hb_sent or time.monotonic()
                     next_hb = time.monotonic() + hb
             except Exception:
                 log.exception("transport: actor control loop error")
@@ -1393,6 +1403,9 @@ class ActorClient:
                 self._admit_total = body.admit_total
                 self._learner_version = max(self._learner_version or 0, body.policy_version)
                 self._c["credit_msgs"] += 1
+                if self._hb_sent is not None:
+                    self._hb_rtts.append(time.monotonic() - self._hb_sent)
+                    self._hb_sent = None
             elif kind is PolicyUpdate:
                 if self._latest_update is None or body.policy_version > self._latest_update.policy_version:
                     self._latest_update = body

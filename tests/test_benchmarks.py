@@ -1,7 +1,8 @@
 """benchmarks/learner.py: the FLOPs model against hand arithmetic and the real module, and one
 short run of the real learner on CPU (the GPU figures come from the same script on a GPU).
 benchmarks/staleness.py: its per-run figures against hand arithmetic; benchmarks/pipeline.py: its
-overlap figures against hand arithmetic."""
+overlap figures against hand arithmetic; benchmarks/scaling.py: its fairness and admission figures
+by hand, and one small real run."""
 
 import importlib.util
 from pathlib import Path
@@ -109,6 +110,33 @@ def test_pipeline_overlap_figures_hand_computed():
     assert f["bound"] == pytest.approx(2.0 / 1.5, abs=1e-12) and f["ratio"] == pytest.approx(1.0, abs=1e-12)
     with pytest.raises(ValueError, match="no learner compute"):
         of({"s_per_step": 2.0, "wait_data_share": 1.0}, {"s_per_step": 1.0, "wait_data_share": 0.0})
+
+
+def test_scaling_fairness_and_admission_excess_by_hand():
+    sc = _load("scaling")
+    assert sc.jain([5, 5, 5, 5]) == pytest.approx(1.0, abs=1e-12)
+    assert sc.jain([8, 0, 0, 0]) == pytest.approx(0.25, abs=1e-12)  # one takes all: 1/n
+    assert sc.jain([1, 3]) == pytest.approx(16 / (2 * 10), abs=1e-12)  # (1+3)^2 / (2 (1+9))
+    # η = 1, B = 10: bound at version v is (v + 2) * 10
+    assert sc.admission_excess({0: 12, 1: 31, 2: 35}, eta=1, batch=10) == 1  # 31 - 30
+    assert sc.admission_excess({0: 20, 1: 30}, eta=1, batch=10) == 0
+
+
+def test_scaling_intake_with_real_actor_processes():
+    """benchmarks/scaling.py end to end on a small case: a real LearnerServer + Ingest, two
+    load-generating actor processes; every group sent arrives valid, and both are served."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = _load("scaling").main(["--actors", "2", "--seconds", "2", "--rate", "40", "--batch", "8",
+                                 "--port", str(port + 1 if port % 2 else port)])
+    (case,) = out["cases"]
+    assert case["accepted_groups_per_s"] > 0 and case["versions"] >= 1
+    assert case["rejected"] == 0 and case["lost"] == 0 and case["stale"] == 0
+    assert case["received"] <= case["sent"] <= case["started"]
+    assert case["fairness_received"] > 0.8 and case["rtt_median_ms"] is not None
 
 
 def test_soak_slope_and_roles_by_hand():

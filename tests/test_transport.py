@@ -306,6 +306,16 @@ def test_heartbeats_make_liveness(server, client):
     assert srv.actor_info()["quiet"]["alive"] is False
 
 
+def test_heartbeat_rtts_measure_the_reply_not_the_period(server, client):
+    srv = server(heartbeat_s=0.5, peer_timeout_s=5.0)  # every heartbeat is answered with a Credit
+    c = client(srv)
+    assert wait_until(lambda: len(c.heartbeat_rtts()) >= 2, 5)
+    rtts = c.heartbeat_rtts()
+    beats = srv.counters()["heartbeats"]
+    assert all(0.0 < r < 0.4 for r in rtts), rtts  # a loopback round trip, not the 0.5 s period
+    assert len(rtts) <= beats + 1  # at most one sample per heartbeat
+
+
 def test_admission_with_eta_and_a_late_joiner_learns_the_version(server, client):
     srv = server(max_staleness=1)
     early = client(srv, "early")

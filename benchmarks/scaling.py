@@ -1,7 +1,7 @@
 """Does the learner's intake hold many actors? The real LearnerServer + Ingest fed by N processes.
 
     .venv/bin/python benchmarks/scaling.py [--actors 1,4,16,64] [--rate 200] [--seconds 20]
-        [--batch 32] [--eta 1] [--k 4] [--tokens 64] [--port 5755]
+        [--batch 32] [--eta 1] [--k 4] [--tokens 64] [--port 5755] [--broadcast 1,2,4,8] [--mb 64]
 
 Per N (one after another): this process is the learner's intake, a real ``LearnerServer``
 (ZeroMQ, both channels, every schema check) and a real ``Ingest`` (validation, accuracy
@@ -23,6 +23,12 @@ Measured over --seconds after a warm-up of a quarter of that:
   let them overshoot briefly), and the groups dropped as stale (the backstop's work);
 - control-plane latency: from each heartbeat to the next Credit the actor receives
   (``ActorClient.heartbeat_rtts``), median and p99 over all actors.
+Weight broadcast (``--broadcast 1,2,4,8``, first): the real gloo sender (``make_sender``, the
+learner's) and R receiving processes (``make_receiver``, the actors'), a state dict of --mb MB;
+per R the median over --reps updates of the sender's ``send`` (pack, transfer to every
+receiver, their checksum verify and ack), after one untimed update (the joins). Printed with
+t(R) / t(1) and the growth exponent log(t(R_max)/t(1)) / log(R_max) (1 = linear, 0 = flat).
+
 The last line reads ``ratio R`` = accepted groups/s at the largest N over at the smallest.
 """
 
@@ -109,6 +115,49 @@ def actor_main(args) -> None:
     print(json.dumps({"actor": args.actor_id, "started": started, "sent": sent, "rtts": rtts}), flush=True)
 
 
+# ------------------------------------------------------------------ weight broadcast
+
+
+def receiver_main(args) -> None:
+    """One receiving process: takes --reps + 1 updates, then leaves."""
+    from common.weight_sync import make_receiver
+
+    r = make_receiver("gloo", addr=args.addr, timeout_s=300, connect_timeout_s=300, threads=1, label=args.actor_id)
+    try:
+        for _ in range(args.reps + 1):
+            r.receive(timeout_s=300)
+    finally:
+        r.close()
+
+
+def broadcast_case(n: int, args) -> dict:
+    import torch
+
+    from common.weight_sync import make_sender
+
+    addr = f"127.0.0.1:{args.port + 2}"
+    numel = int(args.mb * (1 << 20)) // 4 // 8
+    state = {f"layer{i}.weight": torch.randn(numel) for i in range(8)}
+    sender = make_sender("gloo", addr=addr, num_receivers=n, timeout_s=300, connect_timeout_s=300, threads=1)
+    procs = [subprocess.Popen([sys.executable, __file__, "--role", "receiver", "--addr", addr, "--reps",
+                               str(args.reps), "--actor-id", f"recv-{i}"]) for i in range(n)]
+    times = []
+    try:
+        for v in range(1, args.reps + 2):
+            t = time.perf_counter()
+            sender.send(state, v)
+            times.append(time.perf_counter() - t)
+        for p in procs:
+            p.wait(timeout=120)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+        sender.close()
+    med = statistics.median(times[1:])
+    return {"receivers": n, "mb": args.mb, "send_s": med, "all_s": times}
+
+
 # ------------------------------------------------------------------ the learner's intake
 
 
@@ -189,8 +238,13 @@ def main(argv=None) -> dict:
     ap.add_argument("--tokens", type=int, default=64, help="tokens per response (at most) [tokens]")
     ap.add_argument("--heartbeat-s", type=float, default=0.5, help="actor heartbeat period [s]")
     ap.add_argument("--port", type=int, default=5755, help="trajectory port; control = port + 1")
+    ap.add_argument("--broadcast", default="1,2,4,8",
+                    help="comma-separated receiver counts for the weight broadcast ('' = skip) [processes]")
+    ap.add_argument("--mb", type=float, default=64.0, help="state dict size of the broadcast [MB]")
+    ap.add_argument("--reps", type=int, default=5, help="timed updates per receiver count")
     ap.add_argument("--output", help="write the figures here (JSON)")
-    ap.add_argument("--role", default="intake", choices=["intake", "actor"], help=argparse.SUPPRESS)
+    ap.add_argument("--role", default="intake", choices=["intake", "actor", "receiver"], help=argparse.SUPPRESS)
+    ap.add_argument("--addr", help=argparse.SUPPRESS)
     ap.add_argument("--actor-id", help=argparse.SUPPRESS)
     ap.add_argument("--traj", help=argparse.SUPPRESS)
     ap.add_argument("--ctrl", help=argparse.SUPPRESS)
@@ -200,6 +254,22 @@ def main(argv=None) -> dict:
     if args.role == "actor":
         actor_main(args)
         return {}
+    if args.role == "receiver":
+        receiver_main(args)
+        return {}
+    bcast = []
+    if args.broadcast:
+        print(f"weight broadcast over gloo, {args.mb:g} MB, median of {args.reps} updates", flush=True)
+        print("| receivers | send s | t(R) / t(1) | MB/s delivered in all |\n|---:|---:|---:|---:|", flush=True)
+        for n in (int(x) for x in args.broadcast.split(",")):
+            b = broadcast_case(n, args)
+            bcast.append(b)
+            print(f"| {n} | {b['send_s']:.3f} | {b['send_s'] / bcast[0]['send_s']:.2f} | "
+                  f"{n * args.mb / b['send_s']:.0f} |", flush=True)
+        if len(bcast) > 1:
+            growth = (np.log(bcast[-1]["send_s"] / bcast[0]["send_s"])
+                      / np.log(bcast[-1]["receivers"] / bcast[0]["receivers"]))
+            print(f"broadcast growth exponent {growth:.2f} (1 = linear in the receivers, 0 = flat)", flush=True)
     ns = [int(x) for x in args.actors.split(",")]
     rows = []
     print(f"offered load {args.rate:g} groups/s in all, B = {args.batch}, η = {args.eta}, "
@@ -214,7 +284,7 @@ def main(argv=None) -> dict:
         print(f"| {n} | {r['accepted_groups_per_s']:.1f} | {r['versions']} | {r['fairness_received']:.3f} / "
               f"{r['fairness_credits']:.3f} | {r['admission_excess']} | {r['stale']} | {rtt} |", flush=True)
     ratio = rows[-1]["accepted_groups_per_s"] / max(rows[0]["accepted_groups_per_s"], 1e-9)
-    out = {"cases": rows, "ratio": ratio, "args": {k: v for k, v in vars(args).items() if k != "role"}}
+    out = {"cases": rows, "broadcast": bcast, "ratio": ratio, "args": {k: v for k, v in vars(args).items() if k != "role"}}
     if args.output:
         Path(args.output).write_text(json.dumps(out, indent=1))
     print(f"accepted groups/s at {ns[-1]} actors over at {ns[0]}: ratio {ratio:.3f}", flush=True)

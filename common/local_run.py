@@ -210,7 +210,8 @@ def run_local(cfg, *, nproc_per_node: int = 1, live: bool = True) -> dict:
     if cfg.task.kind == "arithmetic":
         console.print("[bold]The embedded arithmetic task[/bold]: supervised warm-up (cached after the first run)")
         cfg, warm = prepare_task(cfg, log_fn=console.print)
-        console.print(f"warm-up: {'cached' if warm.get('cached') else 'trained'}, policy {cfg.model.policy_path}")
+        how = "shipped model installed" if warm.get("shipped") else "cached" if warm.get("cached") else "trained"
+        console.print(f"warm-up: {how}, policy {cfg.model.policy_path}")
     import shutil
 
     shutil.rmtree(run_dir / "final", ignore_errors=True)  # the learner writes it again at the end
@@ -316,7 +317,7 @@ def run_local(cfg, *, nproc_per_node: int = 1, live: bool = True) -> dict:
     summary["actor_restarts"] = sup.restarts() if sup else 0
     summary["learner_restarts"] = learner_restarts
     if warm is not None:
-        summary["warmup"] = {k: warm.get(k) for k in ("key", "cached", "model_dir") if k in warm}
+        summary["warmup"] = {k: warm.get(k) for k in ("key", "cached", "shipped", "model_dir") if k in warm}
         summary["warmup"].update({k: v for k, v in warm.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
     summary["wall_s_with_setup"] = round(time.time() - t_start, 1)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -257,6 +257,48 @@ def test_warmup_trains_caches_and_saves_a_model_dir(tmp_path):
     assert wu.cache_key(task, warm.model_copy(update={"threads": 1, "cache_dir": "/x"})) == first["key"]
 
 
+def test_shipped_warmup_ship_install_tamper_and_rebuild(tmp_path, monkeypatch):
+    """actors/tasks/shipped.py on a tiny recipe: ship it, install it into an empty cache
+    (no training; prompt files regenerated identical), refuse altered or extra files, and a
+    rebuild from scratch gives bit-identical weights on this machine."""
+    from actors.tasks import shipped
+
+    task, warm = _tiny(tmp_path)
+    root = tmp_path / "shipped"
+    entry = shipped.ship(task, warm, log_fn=lambda m: None, root=root)
+    key = wu.cache_key(task, warm)
+    assert entry == root / key and shipped.find(key, root) == entry
+    sums = shipped.verify(entry)
+    assert "model.safetensors" in sums and "warmup.json" in sums and not (entry / "data").exists()
+    built = Path(warm.cache_dir) / key
+
+    # install into an empty cache: nothing trained, same files, prompt files regenerated identical
+    fresh = warm.model_copy(update={"cache_dir": str(tmp_path / "cache2")})
+    monkeypatch.setattr(shipped, "SHIPPED_DIR", root)  # where warmup() looks (the package folder in real use)
+    got = wu.warmup(tmp_path / "sft", task, fresh, log_fn=lambda m: None)
+    assert got["shipped"] and got["cached"]
+    inst = Path(got["cache_dir"])
+    for name in ("model.safetensors", "warmup.json", "data/train.jsonl", "data/dev.jsonl", "data/heldout.jsonl"):
+        assert (inst / name).read_bytes() == (built / name).read_bytes(), name
+
+    # tampering is an error, not a fallback
+    (entry / "extra.txt").write_text("x")
+    with pytest.raises(shipped.ShippedWarmupError, match="do not match"):
+        shipped.verify(entry)
+    (entry / "extra.txt").unlink()
+    data = bytearray((entry / "model.safetensors").read_bytes())
+    data[-1] ^= 1
+    (entry / "model.safetensors").write_bytes(bytes(data))
+    with pytest.raises(shipped.ShippedWarmupError, match="sha256"):
+        shipped.verify(entry)
+    data[-1] ^= 1
+    (entry / "model.safetensors").write_bytes(bytes(data))
+
+    # --verify: a rebuild from scratch is bit-identical here
+    out = shipped.verify_rebuild(task, warm, log_fn=lambda m: None, root=root)
+    assert out["identical"] and out["ok"] and out["diffs"]["heldout_sampled"] == 0.0
+
+
 def test_config_sections_and_cli(tmp_path):
     import importlib.util
 

@@ -41,6 +41,8 @@ Contract
   (``arithmetic.diagnose``: correct / slip / arith / copy / format).
 - Determinism: same config, same thread count -> same weights, unless ``max_seconds`` cut
   the run (wall-clock dependent; recorded).
+- Shipped entries (``actors.tasks.shipped``): on a cache miss, a shipped entry of the same
+  key is checksum-verified and installed instead of training (``use_shipped=False``: train).
 Not covered: resuming an interrupted warm-up (it restarts), GPUs (CPU only, by design: the
 model is tiny), tasks other than ``arithmetic``.
 """
@@ -409,26 +411,36 @@ def _copy_entry(src: Path, dst: Path) -> None:
 
 
 def warmup(out_dir: str | os.PathLike | None, task_cfg: Any = None, warmup_cfg: Any = None, *,
-           log_fn: Callable[[str], None] | None = None) -> dict:
-    """Train (or fetch from the cache) the warm-up model; see the module docstring.
+           log_fn: Callable[[str], None] | None = None, use_shipped: bool = True) -> dict:
+    """Train (or fetch from the cache, or install the shipped entry of the same recipe:
+    ``actors.tasks.shipped``) the warm-up model; see the module docstring.
 
     Returns ``warmup.json``'s content plus ``model_dir`` (``out_dir``, else the cache
-    entry), ``cache_dir`` (the entry), ``cached`` (True if nothing was trained) and
-    ``prompt_files`` (``{"train", "dev", "heldout"}`` JSONL paths under ``model_dir``)."""
+    entry), ``cache_dir`` (the entry), ``cached`` (True if nothing was trained), ``shipped``
+    (True if the shipped entry was installed) and ``prompt_files`` (``{"train", "dev",
+    "heldout"}`` JSONL paths under ``model_dir``)."""
+    from actors.tasks import shipped
+
     task_cfg, warmup_cfg = _sections(task_cfg, warmup_cfg)
     log_fn = log_fn or log.info
     key = cache_key(task_cfg, warmup_cfg)
     root = Path(os.path.expanduser(warmup_cfg.cache_dir))
     entry = root / key
     cached = (entry / RESULT_FILE).is_file()
+    ship = shipped.find(key) if use_shipped and not cached else None
     if not cached:
         root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=root))
         threads = torch.get_num_threads()
         torch.set_num_threads(warmup_cfg.threads)
         try:
-            log_fn(f"warm-up {key}: training (cache {entry})")
-            _build(tmp, task_cfg, warmup_cfg, key, log_fn)
+            if ship is not None:
+                log_fn(f"warm-up {key}: installing the shipped model {ship} (checksums verified; "
+                       f"built by launch/warmup.py --ship, checked by --verify)")
+                shipped.install(ship, tmp, task_cfg)
+            else:
+                log_fn(f"warm-up {key}: training (cache {entry})")
+                _build(tmp, task_cfg, warmup_cfg, key, log_fn)
             try:
                 os.replace(tmp, entry)  # atomic; fails if another builder got there first
             except OSError:
@@ -444,6 +456,7 @@ def warmup(out_dir: str | os.PathLike | None, task_cfg: Any = None, warmup_cfg: 
         same = (model_dir / RESULT_FILE).is_file() and json.loads((model_dir / RESULT_FILE).read_text()).get("key") == key
         if not same:
             _copy_entry(entry, model_dir)
-    result.update(model_dir=str(model_dir), cache_dir=str(entry), cached=cached,
+    result.update(model_dir=str(model_dir), cache_dir=str(entry), cached=cached or ship is not None,
+                  shipped=ship is not None,
                   prompt_files={n: str(model_dir / "data" / f"{n}.jsonl") for n in ("train", "dev", "heldout")})
     return result

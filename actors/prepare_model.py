@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import base64
 import fcntl
-import hashlib
 import json
 import os
 import shutil
@@ -39,6 +38,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Literal
+
+from actors.tasks.shipped import sha256_file as _sha256
 
 Dtype = Literal["float32", "bfloat16"]
 MARKER = "prime_prepared.json"
@@ -95,14 +96,6 @@ def _locked(path: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _record_sha256(wheel: zipfile.ZipFile, member: str) -> str | None:

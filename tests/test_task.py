@@ -299,6 +299,22 @@ def test_shipped_warmup_ship_install_tamper_and_rebuild(tmp_path, monkeypatch):
     assert out["identical"] and out["ok"] and out["diffs"]["heldout_sampled"] == 0.0
 
 
+def test_the_default_recipe_is_shipped_and_intact():
+    """The main command's warm-up is shipped (so a first run trains nothing) and its files
+    match their checksums."""
+    from actors.tasks import shipped
+    from common.config import load_config
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml")
+    key = wu.cache_key(cfg.task, cfg.warmup)
+    entry = shipped.find(key)
+    assert entry is not None, f"no shipped warm-up for configs/tiny.yaml's recipe {key}: run launch/warmup.py --ship"
+    shipped.verify(entry)
+    info = json.loads((entry / "warmup.json").read_text())
+    assert info["key"] == key and info["stop_reason"] != "max_seconds"
+    assert info["heldout_greedy"] >= 0.95 and 0.6 <= info["heldout_sampled"] <= 0.8
+
+
 def test_config_sections_and_cli(tmp_path):
     import importlib.util
 

@@ -208,7 +208,7 @@ def run_local(cfg, *, nproc_per_node: int = 1, live: bool = True) -> dict:
     logs.mkdir(exist_ok=True)
     warm = None
     if cfg.task.kind == "arithmetic":
-        console.print("[bold]The embedded arithmetic task[/bold]: supervised warm-up (cached after the first run)")
+        console.print("[bold]The embedded arithmetic task[/bold]: supervised warm-up (shipped with the project for the default recipe; other recipes train once, then cached)")
         cfg, warm = prepare_task(cfg, log_fn=console.print)
         how = "shipped model installed" if warm.get("shipped") else "cached" if warm.get("cached") else "trained"
         console.print(f"warm-up: {how}, policy {cfg.model.policy_path}")

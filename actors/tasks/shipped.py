@@ -87,9 +87,8 @@ def install(entry: Path, dst: Path, task_cfg) -> None:
     """Verify ``entry`` and fill ``dst`` with its files and freshly written prompt files."""
     from actors.tasks import arithmetic as ar
 
-    verify(entry)
     dst.mkdir(parents=True, exist_ok=True)
-    for name in read_sums(entry):
+    for name in verify(entry):
         shutil.copy2(entry / name, dst / name)
     ar.write_prompt_files(dst / "data", ar.splits_from_config(task_cfg), names=("train", "dev", "heldout"))
 
@@ -126,8 +125,8 @@ def verify_rebuild(task_cfg, warmup_cfg, tol: float = 0.03, log_fn=print, root: 
                      use_shipped=False)
         digest = sha256_file(Path(got["cache_dir"]) / "model.safetensors")
     diffs = {k: abs(float(got[k]) - float(want[k])) for k in ("heldout_sampled", "heldout_greedy")}
-    identical = digest == sums["model.safetensors"]
-    return {"key": key, "identical": identical, "equivalent": max(diffs.values()) <= tol, "ok":
-            identical or max(diffs.values()) <= tol, "diffs": diffs, "tol": tol,
+    identical, equivalent = digest == sums["model.safetensors"], max(diffs.values()) <= tol
+    return {"key": key, "identical": identical, "equivalent": equivalent, "ok": identical or equivalent,
+            "diffs": diffs, "tol": tol,
             "shipped": {k: want[k] for k in ("heldout_sampled", "heldout_greedy", "steps", "stop_reason")},
             "rebuilt": {k: got[k] for k in ("heldout_sampled", "heldout_greedy", "steps", "stop_reason")}}

@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from staleness import read_jsonl, run_figures  # noqa: E402
+from staleness import measure_run  # noqa: E402
 
 
 def overlap_figures(sync: dict, asyn: dict) -> dict:
@@ -61,20 +61,13 @@ def main(argv=None) -> dict:
     if args.eta < 1:
         ap.error("--eta must be >= 1 (η = 0 is the synchronous run it is compared with)")
 
-    from common.config import load_config
-    from common.local_run import run_local
-
     runs: dict[int, list[dict]] = {0: [], args.eta: []}
     for r in range(args.rounds):
         for eta in ((0, args.eta) if r % 2 == 0 else (args.eta, 0)):
             run_dir = Path(args.output_dir) / f"eta{eta}-r{r}"
-            ov = list(args.overrides) + [f"async.max_staleness={eta}", f"run.steps={args.steps}",
-                                         f"run.output_dir={run_dir}"]
-            ov += [] if args.with_eval else ["eval.every=0"]
-            cfg = load_config(args.config, ov)
             print(f"round {r + 1}/{args.rounds}, η={eta} -> {run_dir}", flush=True)
-            run_local(cfg, live=False)
-            fig = run_figures(read_jsonl(run_dir / "metrics.jsonl"), [], args.skip, 1)
+            fig = measure_run(args.config, [*args.overrides, f"async.max_staleness={eta}"], run_dir, args.steps,
+                              args.skip, with_eval=args.with_eval)
             runs[eta].append(fig)
             print(f"  η={eta}: {fig['s_per_step']:.3f} s/step, waiting for data {100 * fig['wait_data_share']:.0f}%,"
                   f" lag mean {fig['lag_mean']:.2f}", flush=True)

@@ -62,6 +62,20 @@ def run_figures(metrics: list[dict], evals: list[dict], skip: int, last_n: int) 
     return out
 
 
+def measure_run(config: str, overrides: list[str], run_dir: Path, steps: int, skip: int,
+                with_eval: bool = True) -> dict:
+    """One real run (``common.local_run.run_local``) of ``config`` with ``overrides``, ``steps``
+    learner steps, in ``run_dir`` (the evaluator off unless ``with_eval``); its ``run_figures``."""
+    from common.config import load_config
+    from common.local_run import run_local
+
+    ov = [*overrides, f"run.steps={steps}", f"run.output_dir={run_dir}"] + ([] if with_eval else ["eval.every=0"])
+    cfg = load_config(config, ov)
+    run_local(cfg, live=False)
+    return run_figures(read_jsonl(run_dir / "metrics.jsonl"), read_jsonl(run_dir / "eval.jsonl"), skip,
+                       cfg.eval.last_n)
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--eta", default="0,1,2", help="comma-separated staleness bounds [policy versions]")
@@ -85,22 +99,14 @@ def main(argv=None) -> dict:
     from rich.console import Console
     from rich.table import Table
 
-    from common.config import load_config
-    from common.local_run import run_local
-
     console = Console()
     per_case: dict[tuple[str, int], list[dict]] = {c: [] for c in cases}
     for r in range(args.rounds):
         for mode, eta in (cases if r % 2 == 0 else cases[::-1]):
             run_dir = Path(args.output_dir) / f"{mode}-eta{eta}-r{r}"
-            ov = list(args.overrides) + [f"async.max_staleness={eta}", f"async.admission={mode}",
-                                         f"run.steps={args.steps}", f"run.output_dir={run_dir}"]
-            ov += ["eval.every=0"] if args.no_eval else []
-            cfg = load_config(args.config, ov)
             console.print(f"[bold]round {r + 1}/{args.rounds}, {mode}, η={eta}[/bold] -> {run_dir}")
-            run_local(cfg, live=False)
-            fig = run_figures(read_jsonl(run_dir / "metrics.jsonl"), read_jsonl(run_dir / "eval.jsonl"),
-                              args.skip, cfg.eval.last_n)
+            fig = measure_run(args.config, [*args.overrides, f"async.max_staleness={eta}", f"async.admission={mode}"],
+                              run_dir, args.steps, args.skip, with_eval=not args.no_eval)
             per_case[(mode, eta)].append(fig)
             console.print(f"{mode}, η={eta}: {fig['s_per_step']:.2f} s/step, lag mean {fig['lag_mean']:.2f}"
                           f" max {fig['lag_max']:.0f}, stale groups {fig['groups_stale']:.0f}")

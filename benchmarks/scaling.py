@@ -135,10 +135,11 @@ def broadcast_case(n: int, args) -> dict:
 
     from common.weight_sync import make_sender
 
-    addr = f"127.0.0.1:{args.port + 2}"
     numel = int(args.mb * (1 << 20)) // 4 // 8
     state = {f"layer{i}.weight": torch.randn(numel) for i in range(8)}
-    sender = make_sender("gloo", addr=addr, num_receivers=n, timeout_s=300, connect_timeout_s=300, threads=1)
+    sender = make_sender("gloo", addr=f"127.0.0.1:{args.port + 2 if args.port else 0}", num_receivers=n,
+                         timeout_s=300, connect_timeout_s=300, threads=1)
+    addr = sender.addr  # the port the store bound (any free one when --port 0)
     procs = [subprocess.Popen([sys.executable, __file__, "--role", "receiver", "--addr", addr, "--reps",
                                str(args.reps), "--actor-id", f"recv-{i}"]) for i in range(n)]
     times = []
@@ -166,10 +167,12 @@ def run_case(n: int, args) -> dict:
     from common.transport import LearnerServer
     from learner.ingest import GroupLimits, Ingest
 
-    traj, ctrl = f"tcp://127.0.0.1:{args.port}", f"tcp://127.0.0.1:{args.port + 1}"
+    traj, ctrl = ((f"tcp://127.0.0.1:{args.port}", f"tcp://127.0.0.1:{args.port + 1}") if args.port
+                  else ("tcp://127.0.0.1:*", "tcp://127.0.0.1:*"))
     cfg = TransportConfig(trajectory_addr=traj, control_addr=ctrl, heartbeat_s=args.heartbeat_s,
                           peer_timeout_s=max(10.0, 5 * args.heartbeat_s))
     server = LearnerServer(cfg, max_staleness=args.eta).start()
+    traj, ctrl = server.trajectory_endpoint, server.control_endpoint  # what was bound
     ingest = Ingest(server, args.eta, 0.2, 0.8, groups_per_step=args.batch,
                     limits=GroupLimits(k=args.k, max_prompt_tokens=64, max_tokens=args.tokens, vocab_size=1000))
     ingest.update_admission()
@@ -237,7 +240,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--k", type=int, default=4, help="responses per group")
     ap.add_argument("--tokens", type=int, default=64, help="tokens per response (at most) [tokens]")
     ap.add_argument("--heartbeat-s", type=float, default=0.5, help="actor heartbeat period [s]")
-    ap.add_argument("--port", type=int, default=5755, help="trajectory port; control = port + 1")
+    ap.add_argument("--port", type=int, default=5755, help="trajectory port; control = port + 1, broadcast store = port + 2; 0 = any free ports")
     ap.add_argument("--broadcast", default="1,2,4,8",
                     help="comma-separated receiver counts for the weight broadcast ('' = skip) [processes]")
     ap.add_argument("--mb", type=float, default=64.0, help="state dict size of the broadcast [MB]")

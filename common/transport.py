@@ -384,10 +384,14 @@ class LearnerServer:
         # hard cap against memory abuse; messages between max_message_bytes and this are
         # still read, counted and rejected as too_large
         s.maxmsgsize = 4 * self.cfg.max_message_bytes + (1 << 20)
-        if keys:
-            s.curve_publickey, s.curve_secretkey = keys[0], keys[1]
-            s.curve_server = True
-        s.bind(addr)
+        try:
+            if keys:
+                s.curve_publickey, s.curve_secretkey = keys[0], keys[1]
+                s.curve_server = True
+            s.bind(addr)
+        except Exception:
+            s.close(linger=0)  # an unclosed socket would make the context's term() wait forever
+            raise
         return s
 
     def close(self) -> None:

@@ -139,6 +139,16 @@ def test_refuses_to_bind_beyond_loopback_without_keys():
         ActorClient(TransportConfig(curve_force=True), "a").start()
 
 
+def test_a_port_in_use_is_a_prompt_error_not_a_hang(server):
+    """The control port is taken after the trajectory socket bound: start() raises the bind
+    error and releases what it opened (an unclosed socket would block the context forever)."""
+    cfg = server_cfg(control_addr=server().control_endpoint)
+    t = time.monotonic()
+    with pytest.raises(zmq.ZMQError, match="in use"):
+        LearnerServer(cfg, max_staleness=1).start()
+    assert time.monotonic() - t < 5
+
+
 def test_groups_arrive_intact(server, client):
     srv = server(credit_window=8)
     c = client(srv)

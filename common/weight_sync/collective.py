@@ -278,6 +278,8 @@ class CollectiveSender(WeightSender):
         except Exception as e:
             raise WeightSyncError(f"weight-sync {backend}: cannot host the store at {addr} ({e}); "
                                   "is another learner using async.weight_sync_addr's port?") from e
+        self.port = self._store.port  # the port it bound: ``addr`` may say 0 (any free port)
+        self.addr = f"{self.host}:{self.port}"
         self._store.set("ws/incarnation", self.incarnation)
         self._pool = ThreadPoolExecutor(max_workers=32, thread_name_prefix="weight-sync-send")
         self._service = threading.Thread(target=self._serve, name="weight-sync service", daemon=True)

@@ -38,6 +38,7 @@ import time
 from pathlib import Path
 
 from actors.process import load_newest
+from common import placement
 from common.jsonl import read_rows
 from common.lockstep import eval_weights_path
 
@@ -236,7 +237,6 @@ class Evaluator:
 
 def run_evaluator_process(cfg) -> list[dict]:
     """Build the evaluator for ``cfg`` and run it to the end of training."""
-    import torch
     from transformers import AutoTokenizer
 
     from actors.engines import make_engine
@@ -249,7 +249,7 @@ def run_evaluator_process(cfg) -> list[dict]:
         return []
     if cfg.eval.heldout_path is None:
         raise ValueError("eval.heldout_path is not set (the launcher sets it for task.kind=arithmetic)")
-    torch.set_num_threads(cfg.actors.threads)
+    placement.apply(cfg.placement, "evaluator")
     items = load_items(cfg.eval.heldout_path, cfg.eval.limit, cfg.eval.prompt_suffix)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer_path or cfg.model.policy_path)
     kind = cfg.generation.engine if cfg.generation.engine != "vllm-async" else "vllm"

@@ -29,6 +29,8 @@ import logging
 import os
 from pathlib import Path
 
+from common import placement
+
 log = logging.getLogger(__name__)
 
 
@@ -116,7 +118,6 @@ def engine_options(cfg, kind: str) -> dict:
 
 def run_actor_process(cfg, slot: int) -> dict:
     """Build everything for actor slot ``slot`` and run it to the end; returns its summary."""
-    import torch
     from transformers import AutoTokenizer
 
     from actors.actor import Actor
@@ -134,7 +135,7 @@ def run_actor_process(cfg, slot: int) -> dict:
         raise ValueError(f"global slot {g} (actors.first_slot + {slot}) >= actors.total_slots {total}")
     if acfg.prompts_path is None:
         raise ValueError("actors.prompts_path is not set (the launcher sets it for task.kind=arithmetic)")
-    torch.set_num_threads(acfg.threads)
+    placement.apply(cfg.placement, "actor", slot, acfg.num)
     actor_id = f"actor-{g}"
     run_dir = Path(cfg.run.output_dir)
     (run_dir / "actors").mkdir(parents=True, exist_ok=True)

@@ -24,7 +24,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 __all__ = [
     "ConfigError",
@@ -298,7 +298,6 @@ class ActorsConfig(_Section):
     verifier_kind: Literal["math", "code"] = Field(
         "math", description="Verifier for rows that do not name their own (ability/data_source). [enum]"
     )
-    threads: int = Field(1, ge=1, description="torch threads of one actor process (transformers engine, verification helpers). [threads]")
     gpus: str | None = Field(
         None, description="GPU ids for the actors, comma-separated; actor i gets the i-th (mod the count) as CUDA_VISIBLE_DEVICES; None = leave it unset. [GPU ids]"
     )
@@ -309,6 +308,34 @@ class ActorsConfig(_Section):
     restart_backoff_s: float = Field(2.0, ge=0.0, description="Delay before restarting a crashed actor; doubles per consecutive crash. [s]")
     restart_backoff_max_s: float = Field(60.0, ge=0.0, description="Upper bound of the restart delay. [s]")
     max_restarts: int = Field(20, ge=0, description="Restarts of one actor slot before the supervisor gives up on it. [restarts]")
+
+
+_CPUS = "Comma-separated CPU ids and ranges (e.g. '0-3,6') on this host"
+
+
+class PlacementConfig(_Section):
+    """Which CPUs, how many torch threads and what priority each process gets (common/placement.py).
+    A role's CPU list is split into equal contiguous shares among that role's processes on the host."""
+
+    learner_cpus: str = Field("", description=f"{_CPUS} for the learner ranks, shared out among the local ranks; '' = where the OS puts them. [CPU list]")
+    learner_threads: int | None = Field(None, ge=1, description="torch intra-op threads of one learner rank; None = one per CPU of its share, or torch's default (OMP_NUM_THREADS; launch/run.py sets 1) without one. [threads]")
+    learner_nice: int = Field(0, ge=0, le=19, description="Niceness of the learner ranks (higher yields the CPU to others). [nice level]")
+    actor_cpus: str = Field("", description=f"{_CPUS} for the actor processes, shared out among actors.num; '' = where the OS puts them. [CPU list]")
+    actor_threads: int | None = Field(1, ge=1, description="torch threads of one actor process (transformers engine, verification helpers); None = one per CPU of its share. [threads]")
+    actor_nice: int = Field(0, ge=0, le=19, description="Niceness of the actor processes. [nice level]")
+    evaluator_cpus: str = Field("", description=f"{_CPUS} for the held-out evaluator; '' = where the OS puts it. [CPU list]")
+    evaluator_threads: int | None = Field(1, ge=1, description="torch threads of the evaluator; None = one per CPU of its list. [threads]")
+    evaluator_nice: int = Field(0, ge=0, le=19, description="Niceness of the evaluator: above 0 it yields the CPU to the learner and the actors, so an evaluation cannot stall training. [nice level]")
+
+    @field_validator("learner_cpus", "actor_cpus", "evaluator_cpus", mode="before")
+    @classmethod
+    def _cpu_list(cls, v):
+        from common.placement import parse_cpus
+
+        v = str(v) if isinstance(v, int) and not isinstance(v, bool) else v  # "placement.actor_cpus=1"
+        if isinstance(v, str):
+            parse_cpus(v)  # raises PlacementError (a ValueError) on a malformed list
+        return v
 
 
 class EvalConfig(_Section):
@@ -433,6 +460,7 @@ class PrimeRunConfig(_Section):
     transport: TransportConfig = Field(default_factory=TransportConfig, description="ZeroMQ transport. [section]")
     actors: ActorsConfig = Field(default_factory=ActorsConfig, description="Actor processes. [section]")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Periodic held-out evaluation during training. [section]")
+    placement: PlacementConfig = Field(default_factory=PlacementConfig, description="CPU affinity, threads and priority of each process. [section]")
     logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Logging. [section]")
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="Checkpoints. [section]")
     task: TaskConfig = Field(default_factory=TaskConfig, description="The embedded task (prompts, demonstrations). [section]")

@@ -57,7 +57,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from common import schema
+from common import placement, schema
 from common.config import PrimeRunConfig, save_resolved
 from common.jsonl import read_rows
 from common.lockstep import save_eval_weights
@@ -527,6 +527,8 @@ def run_learner(cfg: PrimeRunConfig, steps: int | None = None) -> dict[str, floa
 
     _init_dist(cfg.run.device)
     rank, _ = world()
+    placement.apply(cfg.placement, "learner", int(os.environ.get("LOCAL_RANK", 0)),
+                    int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
     server = sender = logger = None
     if rank == 0:
         # capacity admission: nobody starts a group before the learner has set its budget

@@ -170,3 +170,17 @@ def test_credit_diagnosis_reads_problems_and_finds_the_slipped_step():
     assert credit.slipped_step(p, words) == 1
     assert words[layout[1][1]:layout[1][2]] == ["3", "6"]  # the slipped result's tokens
     assert credit.slipped_step(p, render_solution(p).split()) is None  # no wrong step
+
+
+def test_prime_overhead_side_by_side_on_the_shipped_policy(tmp_path):
+    """benchmarks/prime_overhead.py, 2 timed steps: RLOO has no PRM phase, PRIME has one and
+    costs more in all; both learners train (distinct runs, same groups)."""
+    out = _load("prime_overhead").main(["--steps", "2", "--warmup", "0", "--groups", "4",
+                                        f"warmup.cache_dir={tmp_path / 'cache'}", "batch.prompts_per_step=4",
+                                        "batch.policy_mini_batch=16", "batch.prm_mini_batch=16"])
+    med = out["medians"]
+    assert med["rloo"]["prm"] == 0.0 and med["prime"]["prm"] > 0.0
+    assert med["prime"]["policy"] > 0 and med["rloo"]["policy"] > 0
+    assert out["ratio"] == pytest.approx(med["prime"]["learner"] / med["rloo"]["learner"])
+    assert out["ratio"] > 1.0
+    assert len(out["steps"]["prime"]) == len(out["steps"]["rloo"]) == 2

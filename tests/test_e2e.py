@@ -48,24 +48,44 @@ def procs_mentioning(text: str) -> list[int]:
 
 
 def launch(tmp_path, run_dir, steps, extra=()):
+    # free ports: a run already on this host (its learner on the default ports) is not joined
+    ports = [f"transport.trajectory_addr=tcp://127.0.0.1:{free_port()}",
+             f"transport.control_addr=tcp://127.0.0.1:{free_port()}"]
     args = [sys.executable, str(ROOT / "launch" / "run.py"), "--steps", str(steps), "--output-dir", str(run_dir),
-            f"warmup.cache_dir={tmp_path / 'warmup-cache'}", *SMALL, *extra]
+            f"warmup.cache_dir={tmp_path / 'warmup-cache'}", *SMALL, *ports, *extra]
     return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=str(ROOT))
 
 
+def placed(pid: int) -> tuple[str, int]:
+    """(Cpus_allowed_list, nice) of a live process."""
+    status = dict(line.split(":\t", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":\t" in line)
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return status["Cpus_allowed_list"].strip(), int(stat[stat.rindex(")") + 2:].split()[16])
+
+
 def test_run_completes_with_an_actor_killed_midway(tmp_path):
-    # weights over gloo: the killed actor's restart joins the learner's sender as a new member
+    # weights over gloo: the killed actor's restart joins the learner's sender as a new member;
+    # placement: learner on the first CPU, the actor on the last, the evaluator niced
     run_dir = tmp_path / "run"
+    cpus = sorted(os.sched_getaffinity(0))
     p = launch(tmp_path, run_dir, steps=6,
-               extra=["async.weight_sync=gloo", f"async.weight_sync_addr=127.0.0.1:{free_port()}"])
+               extra=["async.weight_sync=gloo", f"async.weight_sync_addr=127.0.0.1:{free_port()}",
+                      f"placement.learner_cpus={cpus[0]}", f"placement.actor_cpus={cpus[-1]}",
+                      "placement.evaluator_nice=7"])
     killed = None
+    where = {}
     try:
         deadline = time.monotonic() + 600
         while p.poll() is None and time.monotonic() < deadline:  # kill the actor once training is under way
             m = run_dir / "metrics.jsonl"
             if killed is None and m.exists() and len(m.read_text().splitlines()) >= 2:
                 pids = procs_mentioning(f"{run_dir}/config.yaml --slot 0")
-                if pids:
+                learners = [q for q in procs_mentioning(f"launch/learner.py --config {run_dir}/config.yaml")
+                            if "torch.distributed.run" not in Path(f"/proc/{q}/cmdline").read_text()]
+                evaluators = procs_mentioning(f"--evaluator --config {run_dir}/config.yaml")
+                if pids and learners and evaluators:
+                    where = {"actor": placed(min(pids)), "learner": placed(learners[0]),
+                             "evaluator": placed(evaluators[0])}
                     killed = min(pids)
                     os.kill(killed, signal.SIGKILL)
             time.sleep(0.2)
@@ -75,6 +95,8 @@ def test_run_completes_with_an_actor_killed_midway(tmp_path):
             p.kill()
     assert p.returncode == 0, out[-3000:]
     assert killed is not None, "the actor was never seen running"
+    assert where["learner"] == (str(cpus[0]), 0) and where["actor"] == (str(cpus[-1]), 0), where
+    assert where["evaluator"][1] == 7, where
     assert re.search(r"held-out accuracy: \d+\.\d% -> \d+\.\d% in 6 steps(;|\n)", out), out[-2000:]
 
     summary = json.loads((run_dir / "summary.json").read_text())

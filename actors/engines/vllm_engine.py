@@ -55,14 +55,13 @@ from actors.engines.base import (
 WORKER_EXTENSION = "actors.engines.vllm_worker.WeightReloadExtension"
 
 
-def cpu_env_defaults(num_cpus: int | None = None) -> dict[str, str]:
+def cpu_env_defaults() -> dict[str, str]:
     """Environment the CPU build wants: 2 GiB KV cache, no reserved core, OMP threads bound
-    to every core."""
-    n = num_cpus or os.cpu_count() or 1
+    to the CPUs this process may run on (all of them, or its ``placement.actor_cpus`` share)."""
     return {
         "VLLM_CPU_KVCACHE_SPACE": "2",
         "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
-        "VLLM_CPU_OMP_THREADS_BIND": f"0-{max(0, n - 1)}",
+        "VLLM_CPU_OMP_THREADS_BIND": ",".join(str(c) for c in sorted(os.sched_getaffinity(0))),
     }
 
 

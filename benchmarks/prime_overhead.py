@@ -1,0 +1,129 @@
+"""PRIME's learner cost against outcome-only RLOO, side by side in one process, by phase.
+
+    .venv/bin/python benchmarks/prime_overhead.py [--config configs/tiny.yaml] [--steps 12]
+        [--threads 1] [--groups 16] [--prompt-len 20] [--resp-len 48] [key=value ...]
+
+What runs: two real learners (``learner.trainer.Learner``: ``build_models`` and
+``prime_step``, no weight publish) built from the same config and the same starting policy
+(``model.policy_path``; by default the shipped warm-up of the embedded task), one with the
+config as given (PRIME) and one with ``prime.use_process_rewards=false`` (outcome-only RLOO:
+no reference or PRM pass). Each timed step feeds both the same synthetic trajectory groups
+(random tokens of the model's vocabulary, prompt length fixed, response lengths uniform in
+[resp_len/2, resp_len], 1..k-1 correct per group so every group counts); the order of the
+two flips every step so a shared machine's load drifts fall on both alike. Threads:
+``--threads`` torch intra-op threads for both (the local run's learner gets 1).
+
+Phases from the step's own timers: ``prm`` (reference forward + PRM update; the rewards
+come from the PRM's training forward in prm_update=after), ``old_logp`` (π_old, when
+loss.correction needs it), ``policy`` (policy forward/backward). Figures are medians over
+the timed steps; the last line is ``ratio R`` = PRIME's learner seconds per step over
+RLOO's (the issue's goal: R ≤ 1.3).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+PHASES = {"prm": "time/prm_s", "old_logp": "time/old_logp_s", "policy": "time/policy_s"}
+
+
+def default_policy(cfg) -> str:
+    """The shipped warm-up of ``cfg``'s recipe (installed into the cache when missing)."""
+    from actors.tasks.warmup import warmup
+
+    return str(warmup(None, cfg.task, cfg.warmup, use_shipped=True)["model_dir"])
+
+
+def synthetic_groups(*a, **kw):
+    """benchmarks/learner.py's generator (loaded by path: its module name is the package's)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_learner", ROOT / "benchmarks" / "learner.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.synthetic_groups(*a, **kw)
+
+
+def learner_for(config: str, overrides: list[str], run_dir: Path, extra: list[str]):
+    from common.config import load_config
+    from learner.trainer import Learner
+
+    cfg = load_config(config, [*overrides, f"run.output_dir={run_dir}", "checkpoint.every=0", *extra])
+    return Learner(cfg, sender=None)
+
+
+def step_seconds(learner, groups) -> dict[str, float]:
+    """One ``prime_step`` on ``groups``; its phase seconds and their sum."""
+    from learner.rollout import build_batch
+    from learner.step import prime_step
+
+    batch = build_batch(groups).to(learner.device)
+    m = prime_step(learner.models, batch, learner.cfg, learner.policy_version)
+    learner.policy_version += 1
+    out = {ph: m.get(key, 0.0) for ph, key in PHASES.items()}
+    out["learner"] = sum(out.values())
+    return out
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default=str(ROOT / "configs" / "tiny.yaml"))
+    ap.add_argument("--steps", type=int, default=12, help="timed steps per learner [steps]")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed steps first [steps]")
+    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads [threads]")
+    ap.add_argument("--groups", type=int, default=None, help="groups per step (default: batch.prompts_per_step)")
+    ap.add_argument("--prompt-len", type=int, default=20, help="[tokens]")
+    ap.add_argument("--resp-len", type=int, default=None, help="longest response (default: generation.max_tokens) [tokens]")
+    ap.add_argument("--output", help="write the figures here (JSON)")
+    ap.add_argument("overrides", nargs="*", help="config overrides for both learners (key=value)")
+    args = ap.parse_args(argv)
+
+    import torch
+
+    from common.config import load_config
+
+    torch.set_num_threads(args.threads)
+    overrides = list(args.overrides)
+    cfg = load_config(args.config, overrides)
+    if not any(o.startswith("model.policy_path=") for o in overrides) and cfg.task.kind == "arithmetic":
+        overrides.append(f"model.policy_path={default_policy(cfg)}")
+        cfg = load_config(args.config, overrides)
+    groups_n = args.groups or cfg.batch.prompts_per_step
+    resp_len = args.resp_len or cfg.generation.max_tokens
+    tmp = Path(tempfile.mkdtemp(prefix="prime-overhead-"))
+    learners = {"prime": learner_for(args.config, overrides, tmp / "prime", []),
+                "rloo": learner_for(args.config, overrides, tmp / "rloo", ["prime.use_process_rewards=false"])}
+    vocab = learners["prime"].models.policy.get_input_embeddings().num_embeddings
+    rows: dict[str, list[dict]] = {name: [] for name in learners}
+    for s in range(args.warmup + args.steps):
+        groups = synthetic_groups(groups_n, cfg.generation.k, vocab, args.prompt_len, resp_len, seed=s)
+        order = list(learners) if s % 2 == 0 else list(reversed(learners))
+        for name in order:
+            r = step_seconds(learners[name], groups)
+            if s >= args.warmup:
+                rows[name].append(r)
+    med = {name: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for name, rs in rows.items()}
+    ratio = med["prime"]["learner"] / med["rloo"]["learner"]
+    print(f"learner seconds per step, median of {args.steps} interleaved steps, {args.threads} thread(s), "
+          f"{groups_n}x{cfg.generation.k} responses (prompt {args.prompt_len}, responses ≤ {resp_len} tokens)")
+    print("| phase | PRIME s | RLOO s |\n|---|---:|---:|")
+    for ph in (*PHASES, "learner"):
+        print(f"| {ph} | {med['prime'][ph]:.3f} | {med['rloo'][ph]:.3f} |")
+    out = {"medians": med, "steps": rows, "ratio": ratio,
+           "args": {k: v for k, v in vars(args).items()}}
+    if args.output:
+        Path(args.output).write_text(json.dumps(out, indent=1))
+    print(f"PRIME learner time over outcome-only RLOO's: ratio {ratio:.3f}")
+    return out
+
+
+if __name__ == "__main__":
+    main()

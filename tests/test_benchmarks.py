@@ -179,7 +179,7 @@ def test_prime_overhead_side_by_side_on_the_shipped_policy(tmp_path):
                                         f"warmup.cache_dir={tmp_path / 'cache'}", "batch.prompts_per_step=4",
                                         "batch.policy_mini_batch=16", "batch.prm_mini_batch=16"])
     med = out["medians"]
-    assert med["rloo"]["prm"] == 0.0 and med["prime"]["prm"] > 0.0
+    assert med["rloo"]["prm"] < 1e-3 < med["prime"]["prm"]  # RLOO: only the phase clock
     assert med["prime"]["policy"] > 0 and med["rloo"]["policy"] > 0
     assert out["ratio"] == pytest.approx(med["prime"]["learner"] / med["rloo"]["learner"])
     assert out["ratio"] > 1.0

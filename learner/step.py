@@ -120,6 +120,12 @@ def _all_gather_rows(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(out)
 
 
+# π_old from forwards the step runs anyway (the first mini-batch's policy forward; the
+# reference forward when model.ref = policy_old at temperature 1) instead of its own pass.
+# Tests turn it off to compare against the full recomputation.
+REUSE_FORWARDS = True
+
+
 def _micro_batches(batch: RolloutBatch, budget_tokens: int) -> list[list[int]]:
     """Row indices per micro-batch: first-fit decreasing on sequence length, each bin's
     padded size (rows × longest) kept near the token budget."""
@@ -310,10 +316,28 @@ def prime_step(models: Models, batch: RolloutBatch, cfg: PrimeRunConfig, policy_
     adv = adv_all[rank * B_local : (rank + 1) * B_local][:, : mask.shape[1]]
 
     # ------------------------------------------------------------------- π_old
-    if cfg.loss.correction == "none":  # every other correction weighs by π_old/μ: π_old recomputed
+    # Every correction but none weighs by π_old/μ, so π_old is recomputed, except where a
+    # forward already gives it: the first mini-batch's policy forward runs at θ = π_old (its
+    # rows are filled from that forward in pol_loss), and with model.ref=policy_old at
+    # temperature 1 the reference forward above was π_old itself.
+    gl = per_rank_groups(cfg.batch.policy_mini_batch)
+    mini = [torch.as_tensor([g * K + k for g in groups for k in range(K)]) for groups in _mini_batches(G_local, gl)]
+    first_from_policy = cfg.loss.correction != "none" and REUSE_FORWARDS
+    if cfg.loss.correction == "none":
         old_lp = batch.behav_logp
+    elif use_prm and models.ref is None and temp == 1.0 and REUSE_FORWARDS:
+        old_lp, first_from_policy = ref_lp, False
     else:
-        old_lp = batch_logprobs(models.policy, batch, temp, budget, cdt)
+        old_lp = torch.zeros_like(mask)
+        rest = (torch.cat(mini[1:]) if len(mini) > 1 else torch.zeros(0, dtype=torch.long)) if first_from_policy \
+            else torch.arange(batch.num_rows)
+        if len(rest):
+            sub = batch.take(rest)
+            old_lp[rest, : sub.mask.shape[1]] = batch_logprobs(models.policy, sub, temp, budget, cdt)
+        else:  # FSDP2: this rank's forward count still matches the other ranks'
+            with torch.no_grad():
+                for _ in range(_pad_count(models.policy, 0)):
+                    _dummy_logits_sum(models.policy, batch.input_ids)
     t_old = _clock(batch.mask)
 
     # ---------------------------------------------------- reference log-probs (KL)
@@ -325,11 +349,13 @@ def prime_step(models: Models, batch: RolloutBatch, cfg: PrimeRunConfig, policy_
     # ----------------------------------------------------------------- policy update
     pol_losses, gnorms, pm = [], [], []
 
-    def pol_loss(model, micro, rows, normalizer, sub_idx):
+    def pol_loss(model, micro, rows, normalizer, sub_idx, at_old):
         lp, ent = token_logprobs(model, micro.input_ids, micro.attention_mask, temp, cdt, with_entropy=True,
                                  entropy_grad=lc.entropy_coef > 0)
         T = lp.shape[1]
         idx = sub_idx[rows]
+        if at_old:  # θ has not moved yet in this step: this forward is π_old
+            old_lp[idx, :T] = lp.detach()
         loss, met = policy_loss(
             lp, old_lp[idx][:, :T], batch.behav_logp[idx][:, :T], adv[idx][:, :T], micro.mask,
             clip_eps=lc.clip_eps, correction=lc.correction, is_cap=lc.is_cap, normalizer=normalizer,
@@ -345,15 +371,14 @@ def prime_step(models: Models, batch: RolloutBatch, cfg: PrimeRunConfig, policy_
         loss = regularised_loss(loss, kl, ent, micro.mask, lc.kl_coef, lc.entropy_coef, normalizer=normalizer)
         return loss, (met, float(micro.mask.sum()))
 
-    gl = per_rank_groups(cfg.batch.policy_mini_batch)
-    for _ in range(cfg.batch.ppo_epochs):
-        for groups in _mini_batches(G_local, gl):
-            rows = torch.as_tensor([g * K + k for g in groups for k in range(K)])
+    for epoch in range(cfg.batch.ppo_epochs):
+        for j, rows in enumerate(mini):
             sub = batch.take(rows)
             n_tok = _all_reduce(sub.mask.sum().clone())
+            at_old = first_from_policy and epoch == 0 and j == 0
             loss, gn, extras = _train_minibatch(
                 models.policy, models.policy_opt, sub,
-                lambda mo, mi, r, n: pol_loss(mo, mi, r, n, rows),
+                lambda mo, mi, r, n, rows=rows, at_old=at_old: pol_loss(mo, mi, r, n, rows, at_old),
                 normalizer=float(n_tok), grad_clip=cfg.optim.policy.grad_clip, budget=budget, W=W,
                 ocfg=cfg.optim.policy,
             )

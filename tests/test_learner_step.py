@@ -74,6 +74,45 @@ def test_step_updates_weights(prm_update, correction):
         assert m["loss/prm_ce"] == pytest.approx(0.6931, abs=0.05)  # PRM = ref at start: σ(0) = 0.5
 
 
+@pytest.mark.parametrize("case", ["two-mini-batches", "ppo-epochs-2", "ref-policy-old", "rloo-one-mini-batch"])
+def test_pi_old_from_forwards_already_run_equals_its_own_pass(case, monkeypatch):
+    """π_old taken from the first mini-batch's policy forward (and, with model.ref =
+    policy_old at temperature 1, from the reference forward) gives the update that a
+    separate π_old pass gives, and the separate pass then covers only the rows it must."""
+    import learner.step as step
+
+    extra = {"two-mini-batches": [], "ppo-epochs-2": ["batch.ppo_epochs=2"],
+             "ref-policy-old": ["model.ref=policy_old"],
+             "rloo-one-mini-batch": ["prime.use_process_rewards=false", "batch.policy_mini_batch=16"]}[case]
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", BASE + ["loss.correction=truncate", *extra])
+    batch = build_batch(make_groups(4, seed=2))
+    out, rows_seen = {}, {}
+    real = step.batch_logprobs
+    for reuse in (False, True):
+        models = make_models(cfg)
+        if cfg.model.ref == "policy_old":
+            models = Models(models.policy, models.prm, None, models.policy_opt, models.prm_opt)
+        seen = rows_seen[reuse] = []
+
+        def counting(model, b, *a, _m=models, _seen=seen, **kw):
+            if model is _m.policy:
+                _seen.append(b.num_rows)
+            return real(model, b, *a, **kw)
+
+        monkeypatch.setattr(step, "batch_logprobs", counting)
+        monkeypatch.setattr(step, "REUSE_FORWARDS", reuse)
+        m = prime_step(models, batch, cfg, policy_version=0)
+        out[reuse] = (params(models.policy), params(models.prm), m)
+    (p0, q0, m0), (p1, q1, m1) = out[False], out[True]
+    assert torch.allclose(p0, p1, atol=1e-6, rtol=0) and torch.equal(q0, q1)
+    for k in ("loss/policy", "loss/clip_frac", "loss/is_weight_mean", "loss/mismatch_kl", "loss/grad_norm"):
+        assert m1[k] == pytest.approx(m0[k], abs=1e-5), k
+    # no-grad policy passes: ref (policy_old) + π_old over all 16 rows, or only what is left
+    want = {"two-mini-batches": ([16], [8]), "ppo-epochs-2": ([16], [8]), "ref-policy-old": ([16, 16], [16]),
+            "rloo-one-mini-batch": ([16], [])}[case]
+    assert (rows_seen[False], rows_seen[True]) == want
+
+
 def test_credit_rules_run_through_the_step_and_change_the_advantages():
     """prime.process_credit=min (PURE) and prime.process_gamma reach the returns: same batch
     and models, a different policy update than the paper's sum form, everything finite;

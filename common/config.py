@@ -261,6 +261,9 @@ class TransportConfig(_Section):
     control_addr: str = Field(
         "tcp://127.0.0.1:5556", description="ZeroMQ endpoint the learner binds for control (versions, admission, shutdown). [zmq endpoint]"
     )
+    run_id: str | None = Field(
+        None, max_length=256, description="Name of the run on the wire: the learner refuses (and tells to stop) actors of another run_id, e.g. a second run on the same host and ports, and actors ignore another run's learner. launch/run.py sets a fresh one per run; several hosts: set the same one in every host's config. None = unnamed (only unnamed peers match). [text]"
+    )
     curve_secret_key: str | None = Field(
         None, description="CURVE secret-key file; required when an endpoint binds beyond 127.0.0.1. [path]"
     )

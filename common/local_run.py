@@ -218,6 +218,10 @@ def run_local(cfg, *, nproc_per_node: int = 1, live: bool = True) -> dict:
     for name in ("eval.jsonl", "metrics.jsonl"):  # a fresh run directory's files (resume keeps them)
         if not cfg.checkpoint.resume and (run_dir / name).exists():
             (run_dir / name).unlink()
+    if cfg.transport.run_id is None:  # every process of this run names it on the wire
+        import uuid
+
+        cfg = cfg.model_copy(update={"transport": cfg.transport.model_copy(update={"run_id": uuid.uuid4().hex[:16]})})
     config_path = save_resolved(cfg, run_dir)
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     procs: dict[str, subprocess.Popen] = {}

@@ -76,11 +76,12 @@ __all__ = [
     "validate",
 ]
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 # 1 -> 2: Hello.generates, Heartbeat.groups_started/groups_dropped, Credit.admit_total (the
 # learner's capacity-based admission). 2 -> 3: Credit.incarnation and Ack.incarnation (an
 # actor that rejoins a restarted learner as a new incarnation ignores what was meant for its
-# old one). A peer of another version is rejected by name.
+# old one). 3 -> 4: Envelope.run_id (a learner refuses actors of another run on its address).
+# A peer of another version is rejected by name.
 MAX_MESSAGE_BYTES = 64 << 20  # default bound of one encoded envelope [bytes]
 LOGP_TOL = 1e-4  # a log-prob above this is not a log-prob (float32 rounding slack) [nats]
 
@@ -350,6 +351,7 @@ class Envelope(_S):
     seq: NonNeg
     sent_at: Timestamp
     body: Body
+    run_id: ShortStr = ""      # the run the sender belongs to (transport.run_id; "" = unnamed)
 
 
 class _VersionProbe(Struct):
@@ -372,9 +374,11 @@ _min = np.minimum.reduce
 _max = np.maximum.reduce
 
 
-def make_envelope(body, actor_id: str, incarnation: str, seq: int, sent_at: float | None = None) -> Envelope:
+def make_envelope(body, actor_id: str, incarnation: str, seq: int, sent_at: float | None = None,
+                  run_id: str = "") -> Envelope:
     """An Envelope of the current schema version (``sent_at`` defaults to now)."""
-    return Envelope(SCHEMA_VERSION, actor_id, incarnation, seq, time.time() if sent_at is None else sent_at, body)
+    return Envelope(SCHEMA_VERSION, actor_id, incarnation, seq, time.time() if sent_at is None else sent_at, body,
+                    run_id)
 
 
 def encode(env: Envelope, validate: bool = True) -> bytes:

@@ -329,6 +329,8 @@ class LearnerServer:
         # top up once the outstanding credit falls this low (batches grants for big windows)
         self._refill_at = self.window - max(1, self.window // 4)
         self.instance = uuid.uuid4().hex
+        self.run_id = cfg.run_id or ""  # messages of another run are refused (and that actor told so)
+        self._foreign: set[tuple[str, str]] = set()  # (actor_id, incarnation) of other runs, warned once
         self._lock = threading.Lock()
         self._policy_version = int(policy_version)
         self._latest_update: PolicyUpdate | None = None
@@ -510,6 +512,8 @@ class LearnerServer:
             c = self._c
             last = None  # ((actor_id, incarnation), record) of the previous group: usually the same
             for (ident, frame), (env, err) in zip(batch, results):
+                if env is not None and env.run_id != self.run_id and self.run_id:
+                    env, err = None, ProtocolError("other_run")  # another run's actor on our address
                 if env is not None:
                     body = env.body
                     if type(body) is TrajectoryGroup:
@@ -540,7 +544,8 @@ class LearnerServer:
                     # its credit returned
                     self._rejected[err.reason] += 1
                     c["rejected_trajectory"] += 1
-                    who = peek_identity(frame.buffer) if err.reason not in ("too_large", "unexpected_kind") else None
+                    who = (peek_identity(frame.buffer)
+                           if err.reason not in ("too_large", "unexpected_kind", "other_run") else None)
                     rec = incs.get(who[:2]) if who is not None else None
                     if rec is not None and who[2] >= 0 and self._account(rec, who[2], count_duplicate=False):
                         refund.append((who[2], rec, ident))
@@ -562,7 +567,7 @@ class LearnerServer:
         return True
 
     def _send_traj(self, ident, body) -> None:
-        out = Envelope(SCHEMA_VERSION, LEARNER_ID, self.instance, 0, time.time(), body)
+        out = Envelope(SCHEMA_VERSION, LEARNER_ID, self.instance, 0, time.time(), body, self.run_id)
         try:
             self._traj.send_multipart([ident, encode(out, validate=False)], zmq.NOBLOCK)
         except zmq.Again:  # peer's queue full; a Credit is repeated by the next heartbeat reply
@@ -765,7 +770,7 @@ class LearnerServer:
         if rec.identity is None:
             return
         for body in bodies:
-            env = Envelope(SCHEMA_VERSION, LEARNER_ID, self.instance, self._out_seq, time.time(), body)
+            env = Envelope(SCHEMA_VERSION, LEARNER_ID, self.instance, self._out_seq, time.time(), body, self.run_id)
             self._out_seq += 1
             try:
                 self._ctrl.send_multipart([rec.identity, encode(env, validate=False)], zmq.NOBLOCK)
@@ -879,6 +884,9 @@ class LearnerServer:
             log.exception("transport: unexpected error decoding a control message")
             self._reject("internal_error", "control")
             return
+        if env.run_id != self.run_id and self.run_id:
+            self._refuse_other_run(ident, env)
+            return
         body = env.body
         kind = type(body)
         if kind not in (Hello, Heartbeat, ActorMetrics, Goodbye):
@@ -935,6 +943,24 @@ class LearnerServer:
                 reply = [Shutdown(reason=self._shutdown_reason)]
         self._send(rec, reply)
 
+    def _refuse_other_run(self, ident, env) -> None:
+        """A control message of another run (e.g. a second run on this host and port): counted,
+        never recorded, and answered with a Shutdown that names both runs."""
+        self._reject("other_run", "control")
+        key = (env.actor_id, env.incarnation)
+        if key not in self._foreign:
+            self._foreign.add(key)
+            log.warning("transport: refused actor %s of run %r (this learner runs %r)", env.actor_id,
+                        env.run_id, self.run_id)
+        reason = (f"this learner belongs to run {self.run_id!r}, not to {env.run_id!r}: another run holds "
+                  f"{self.control_endpoint}; give this run other transport addresses")
+        out = Envelope(SCHEMA_VERSION, LEARNER_ID, self.instance, 0, time.time(), Shutdown(reason=reason[:256]),
+                       self.run_id)
+        try:
+            self._ctrl.send_multipart([bytes(ident), encode(out, validate=False)], zmq.NOBLOCK)
+        except zmq.Again:
+            pass
+
     def _on_monitor(self, m: zmq.Socket) -> None:
         while True:
             try:
@@ -977,6 +1003,7 @@ class ActorClient:
         self.cfg = cfg
         self.actor_id = actor_id
         self.incarnation = uuid.uuid4().hex
+        self.run_id = cfg.run_id or ""
         self.validate_on_send = validate_on_send
         self.generates = bool(generates)  # False: follows versions only (takes no share of admission)
         self._cond = threading.Condition()
@@ -1061,7 +1088,7 @@ class ActorClient:
         the kernel reset it and discard groups the learner has not read yet."""
         seq = self._sent
         env = Envelope(SCHEMA_VERSION, self.actor_id, self.incarnation, seq, time.time(),
-                       Goodbye(groups_sent=seq, reason=reason))
+                       Goodbye(groups_sent=seq, reason=reason), self.run_id)
         self._traj.sndtimeo = max(0, int(timeout_s * 1000))
         try:
             self._traj.send(encode(env))
@@ -1104,7 +1131,7 @@ class ActorClient:
             with self._cond:
                 self._c["no_credit"] += 1
             return False
-        env = Envelope(SCHEMA_VERSION, self.actor_id, self.incarnation, seq, time.time(), group)
+        env = Envelope(SCHEMA_VERSION, self.actor_id, self.incarnation, seq, time.time(), group, self.run_id)
         encode_into(env, self._buf, self.validate_on_send)
         self._traj.send(self._buf)  # copied by zmq: the buffer is free again at once
         self._sent = seq + 1
@@ -1313,7 +1340,7 @@ class ActorClient:
     def _ctrl_send(self, body) -> None:
         with self._cond:
             inc = self.incarnation
-        env = Envelope(SCHEMA_VERSION, self.actor_id, inc, self._ctrl_seq, time.time(), body)
+        env = Envelope(SCHEMA_VERSION, self.actor_id, inc, self._ctrl_seq, time.time(), body, self.run_id)
         self._ctrl_seq += 1
         try:
             self._ctrl.send(encode(env), zmq.NOBLOCK)
@@ -1384,6 +1411,17 @@ class ActorClient:
         body = env.body
         kind = type(body)
         with self._cond:
+            if env.run_id != self.run_id and (env.run_id and self.run_id):
+                # another run's learner answers on our address: its weights and credits are not
+                # ours; stop with a reason instead of training someone else's run
+                self._c["rejected"] += 1
+                self._c["rejected/other_run"] += 1
+                if self._shutdown_reason is None:
+                    self._shutdown_reason = (f"the learner at {self.cfg.control_addr} belongs to run {env.run_id!r}, "
+                                             f"not to this actor's run {self.run_id!r}")
+                    log.error("transport: %s", self._shutdown_reason)
+                    self._cond.notify_all()
+                return
             if env.incarnation in self._past_instances:  # a straggler from a replaced learner
                 self._c["stale_learner_msgs"] += 1
                 return

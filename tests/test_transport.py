@@ -149,6 +149,31 @@ def test_a_port_in_use_is_a_prompt_error_not_a_hang(server):
     assert time.monotonic() - t < 5
 
 
+def test_another_runs_actor_is_refused_and_told_why(server, client):
+    """Two runs on one address (a second run started on the same host and ports): the learner
+    of run A records nothing of run B's actor, rejects its groups and control messages as
+    other_run and tells it to stop, naming both; its own run's actor is served as usual."""
+    srv = server(run_id="run-a")
+    ours = client(srv, actor_id="actor-0", cfg={"run_id": "run-a"})
+    theirs = client(srv, actor_id="actor-0", ready=False, cfg={"run_id": "run-b"})
+    assert wait_until(lambda: theirs.shutdown_reason is not None, 10)
+    assert "run-a" in theirs.shutdown_reason and "run-b" in theirs.shutdown_reason
+    with pytest.raises(ShutdownRequested):
+        theirs.send_group(make_group(1), timeout=1)
+    # a group of run B sent anyway (raw, as from an actor still holding credits of its own learner)
+    d = raw_dealer(srv.trajectory_endpoint)
+    d.send(encode(make_envelope(make_group(2), "actor-0", theirs.incarnation, 0, run_id="run-b")))
+    assert ours.send_group(make_group(3), timeout=10)
+    env = srv.recv_group(10)
+    assert env is not None and env.incarnation == ours.incarnation and env.body == make_group(3)
+    assert wait_until(lambda: srv.counters()["rejected_trajectory"] == 1, 10)
+    assert srv.recv_group(0.3) is None
+    assert srv.counters()["rejected/other_run"] >= 2  # its Hello (and heartbeats) and its group
+    assert [(a, i["incarnation"]) for a, i in srv.actor_info().items()] == [("actor-0", ours.incarnation)]
+    assert ours.shutdown_reason is None
+    d.close()
+
+
 def test_groups_arrive_intact(server, client):
     srv = server(credit_window=8)
     c = client(srv)

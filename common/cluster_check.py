@@ -199,6 +199,9 @@ class _Checker:
                 else:
                     self.ok("async.weight_sync_addr", a.weight_sync_addr)
         multi_host = not (is_loopback(t.trajectory_addr) and is_loopback(t.control_addr))
+        if multi_host and t.run_id is None:
+            self.warn("transport.run_id", "unset: actors of another run pointed at this learner would be accepted; "
+                                          "give every host of this run the same transport.run_id")
         if multi_host and a.weight_sync == "shm":
             self.warn("async.weight_sync", "shm reaches only actors on the learner's machine; actors on "
                                            "other hosts need nccl (GPU) or gloo")

@@ -138,7 +138,7 @@ def test_paper_config_on_a_gpu_host_only_paths_fail(tmp_path):
     assert {f.field for f in found if f.level == "error"} <= {"model.policy_path", "actors.prompts_path",
                                                              "eval.heldout_path"}
     assert errors(found, "model.policy_path")
-    assert not [f for f in found if f.field.startswith("transport.") and f.level != "ok"]
+    assert [f.field for f in found if f.field.startswith("transport.") and f.level != "ok"] == ["transport.run_id"]
     # a transformers directory there: the policy passes
     model = tmp_path / "model"
     model.mkdir()
@@ -177,6 +177,12 @@ def test_check_flags_bad_addresses():
     # the shipped one-machine config is fine as it is
     found = check_cluster(load_config(TINY), cuda_devices=0)
     assert not errors(found) and report(found, print_fn=lambda *_: None) == 0
+    # several hosts without a run id: warned (another run's actors would be accepted); named: not
+    wide = ["transport.trajectory_addr=tcp://0.0.0.0:5555", "transport.control_addr=tcp://0.0.0.0:5556",
+            "transport.curve_force=true"]
+    warned = lambda f: [x for x in f if x.level == "warn" and x.field == "transport.run_id"]  # noqa: E731
+    assert warned(check_cluster(load_config(TINY, wide), cuda_devices=0))
+    assert not warned(check_cluster(load_config(TINY, [*wide, "transport.run_id=r1"]), cuda_devices=0))
 
 
 def test_check_flags_missing_key_file(tmp_path):

@@ -471,6 +471,22 @@ class PrimeRunConfig(_Section):
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed_keys(cls, data):
+        """Keys that moved, read from older files (resolved configs of earlier runs):
+        ``actors.threads`` is ``placement.actor_threads`` since 2026-12-02."""
+        if isinstance(data, dict) and isinstance(data.get("actors"), dict) and "threads" in data["actors"]:
+            actors = dict(data["actors"])
+            threads = actors.pop("threads")
+            placement = dict(data.get("placement") or {})
+            if "actor_threads" in placement and placement["actor_threads"] != threads:
+                raise ValueError(f"actors.threads ({threads}) is the old name of placement.actor_threads "
+                                 f"({placement['actor_threads']}); give only placement.actor_threads")
+            placement["actor_threads"] = threads
+            data = {**data, "actors": actors, "placement": placement}
+        return data
+
     def _refuse_silent_combinations(self) -> None:
         """Settings that would run but silently train something else than they say."""
         g, lc, mc = self.generation, self.loss, self.model

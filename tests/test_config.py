@@ -187,3 +187,12 @@ def test_run_py_resume_reads_the_run_directorys_saved_config(tmp_path):
     with pytest.raises(SystemExit) as e:
         run.parse(["--resume", str(tmp_path / "nothing")])
     assert e.value.code == 2
+
+
+def test_old_key_actors_threads_is_read_as_placement_actor_threads():
+    """Resolved configs of runs before the rename still load (tools like benchmarks/credit.py
+    read them); giving both names with different values is an error."""
+    assert load_config(None, ["actors.threads=3"]).placement.actor_threads == 3
+    assert load_config(None, ["actors.threads=2", "placement.actor_threads=2"]).placement.actor_threads == 2
+    with pytest.raises(ConfigError, match="old name"):
+        load_config(None, ["actors.threads=2", "placement.actor_threads=1"])

@@ -387,8 +387,8 @@ def test_actor_lag_generates_with_weights_k_versions_behind(tmp_path, model_dir,
         sender.send(ref1.state_dict(), 1)
         server.publish_policy(1, "shm", channel)
         t0 = time.monotonic()
-        while actor._fetched_for < 1:  # the actor took v1 into its delay line
-            assert time.monotonic() - t0 < 30
+        while actor._fetched_for < 1:  # the actor took v1 into its delay line (after its batch: slow under load)
+            assert time.monotonic() - t0 < 120
             time.sleep(0.05)
         for env in recv_groups(server, 3):
             check_group(env, 0)  # still v0: one behind the announced v1

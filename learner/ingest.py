@@ -105,8 +105,9 @@ def _bad_ids(ids: np.ndarray, vocab_size: int | None) -> bool:
 class Ingest:
     def __init__(self, server, max_staleness: int, filter_low: float, filter_high: float,
                  drop_truncated: bool = False, max_buffered: int = 1024, groups_per_step: int | None = None,
-                 limits: GroupLimits | None = None):
+                 limits: GroupLimits | None = None, admission_slack: float = 0.0):
         self.server = server
+        self.admission_slack = float(admission_slack)  # z: standard deviations of the kept count
         self.limits = limits or GroupLimits()
         self.rejected = collections.Counter()  # reason -> groups (check_group)
         self.eta = max_staleness
@@ -125,12 +126,18 @@ class Ingest:
         return max(sum(self._kept_recent) / len(self._kept_recent), MIN_KEEP_RATE)
 
     def admission_budget(self, taken: int = 0) -> int | None:
-        """⌈((η + 1)·B − buffered − ``taken``) / keep rate⌉ (``taken``: groups already taken
-        for the batch being built); None without admission."""
+        """⌈(room + z·√(room·(1 − p))) / p⌉ with room = (η + 1)·B − buffered − ``taken``
+        (``taken``: groups already taken for the batch being built), p the keep rate and z
+        the admission slack: with z = 0 the groups that keep ``room`` on average; z > 0 adds
+        z standard deviations of the filter's binomial keep count, so that a batch is rarely
+        a few groups short (which makes the learner wait for one more generation round).
+        None without admission."""
         if self.groups_per_step is None:
             return None
         room = max((self.eta + 1) * self.groups_per_step - len(self.buffer) - taken, 0)
-        return int(np.ceil(room / self.keep_rate() - 1e-9))
+        p = self.keep_rate()
+        extra = self.admission_slack * np.sqrt(room * (1.0 - p)) if room else 0.0
+        return int(np.ceil((room + extra) / p - 1e-9))
 
     def update_admission(self, taken: int = 0) -> None:
         """Hand the current budget to the server (if it takes one)."""

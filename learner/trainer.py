@@ -354,7 +354,8 @@ class Learner:
                 self.ingest = Ingest(self.server, cfg.async_.max_staleness, p.filter_low, p.filter_high,
                                      p.drop_truncated, cfg.batch.max_buffered_groups,
                                      groups_per_step=cfg.batch.prompts_per_step
-                                     if cfg.async_.admission == "capacity" else None, limits=limits)
+                                     if cfg.async_.admission == "capacity" else None, limits=limits,
+                                     admission_slack=cfg.async_.admission_slack)
                 self.ingest.update_admission()
 
     # ------------------------------------------------------------- checkpoints

@@ -108,3 +108,30 @@ def test_budget_divided_by_the_recent_keep_rate():
     for i in range(60):  # 8 / 116 = 0.069: floored at MIN_KEEP_RATE = 0.1
         ing._accept(group(f"g{i}", ALL_RIGHT, 0), 0)
     assert ing.keep_rate() == 0.1 and ing.admission_budget() == 80
+
+
+def test_admission_slack_covers_the_filters_binomial_spread():
+    """z standard deviations of the kept count: by hand, and against the binomial itself
+    (with z = 2 a budget keeps at least the room in ≥ 95% of draws; with z = 0 about half)."""
+    import math
+
+    ing = Ingest(None, max_staleness=1, filter_low=0.2, filter_high=0.8, groups_per_step=4, admission_slack=2.0)
+    for i in range(16):
+        ing._accept(group(f"k{i}", MIXED if i % 2 else ALL_RIGHT, 0), 0)
+    ing.buffer.clear()
+    assert ing.keep_rate() == 0.5
+    assert ing.admission_budget() == 24            # room 8: ⌈(8 + 2·√(8·0.5)) / 0.5⌉ = ⌈12 / 0.5⌉
+    assert ing.admission_budget(taken=8) == 0      # no room, no slack
+    ing.admission_slack = 0.0
+    assert ing.admission_budget() == 16
+
+    def p_enough(n, room, p):  # P(Binomial(n, p) >= room)
+        return sum(math.comb(n, k) * p ** k * (1 - p) ** (n - k) for k in range(room, n + 1))
+
+    for p in (0.3, 0.5, 0.62, 0.9):
+        ing._kept_recent.clear()
+        ing._kept_recent.extend([1] * round(p * 100) + [0] * (100 - round(p * 100)))
+        for z, lo, hi in ((2.0, 0.95, 1.0), (0.0, 0.4, 0.8)):
+            ing.admission_slack = z
+            n = ing.admission_budget()
+            assert lo <= p_enough(n, 8, ing.keep_rate()) <= hi, (p, z, n)

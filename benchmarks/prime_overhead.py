@@ -23,7 +23,9 @@ RLOO's (the issue's goal: R ≤ 1.3).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import shutil
 import statistics
 import sys
 import tempfile
@@ -42,14 +44,20 @@ def default_policy(cfg) -> str:
     return str(warmup(None, cfg.task, cfg.warmup, use_shipped=True)["model_dir"])
 
 
-def synthetic_groups(*a, **kw):
-    """benchmarks/learner.py's generator (loaded by path: its module name is the package's)."""
+@functools.cache
+def _bench_learner():
+    """benchmarks/learner.py, loaded once by path (its module name is the package's)."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("bench_learner", ROOT / "benchmarks" / "learner.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    return mod.synthetic_groups(*a, **kw)
+    return mod
+
+
+def synthetic_groups(*a, **kw):
+    """benchmarks/learner.py's generator."""
+    return _bench_learner().synthetic_groups(*a, **kw)
 
 
 def learner_for(config: str, overrides: list[str], run_dir: Path, extra: list[str]):
@@ -110,6 +118,7 @@ def main(argv=None) -> dict:
             r = step_seconds(learners[name], groups)
             if s >= args.warmup:
                 rows[name].append(r)
+    shutil.rmtree(tmp, ignore_errors=True)  # the two runs' resolved configs only
     med = {name: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for name, rs in rows.items()}
     ratio = med["prime"]["learner"] / med["rloo"]["learner"]
     print(f"learner seconds per step, median of {args.steps} interleaved steps, {args.threads} thread(s), "

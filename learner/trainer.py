@@ -48,6 +48,7 @@ parameters.
 from __future__ import annotations
 
 import copy
+import gc
 import logging
 import os
 import shutil
@@ -83,6 +84,21 @@ def _init_dist(device: str = "auto") -> torch.device:
         torch.cuda.set_device(dev)
         return dev
     return torch.device("cpu")
+
+
+def close_dist() -> None:
+    """End this rank's process group cleanly: wait for every rank (a barrier), then destroy
+    the group while the interpreter is fully alive. Call it after the last collective and
+    after dropping every module that holds the group: DDP's reducer keeps a group alive past
+    ``destroy_process_group``, and a gloo group torn down during interpreter finalisation
+    can abort the process (SIGABRT, "terminate called without an active exception"; seen
+    once in CI on a 2-rank gloo test), which torchrun reports as a failed rank. A no-op
+    without a process group."""
+    if not dist.is_initialized():
+        return
+    gc.collect()  # modules dropped by the caller release their references to the group now
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def _dtype(name: str) -> torch.dtype:
@@ -559,4 +575,6 @@ def run_learner(cfg: PrimeRunConfig, steps: int | None = None) -> dict[str, floa
             server.close()
             sender.close()
             logger.close()
+    del learner  # (only reached on success: a failed rank must not wait in a barrier)
+    close_dist()
     return last

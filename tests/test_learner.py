@@ -148,7 +148,7 @@ def _fsdp_resume_rank(rank, world, port, tmp_path, extra):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    from learner.trainer import Learner
+    from learner.trainer import Learner, close_dist
 
     tmp_path = Path(tmp_path)
     data = [make_groups(4, seed=10 + i) for i in range(4)]
@@ -176,7 +176,8 @@ def _fsdp_resume_rank(rank, world, port, tmp_path, extra):
     pe = _full_params(e)
     if rank == 0:
         torch.save({"a": pa, "c": pc, "e": pe, "final": str(final)}, tmp_path / "fsdp_resume.pt")
-    torch.distributed.destroy_process_group()
+    del a, c, e  # their FSDP2 models hold the group
+    close_dist()
 
 
 def test_fsdp2_resume_matches_uninterrupted(tmp_path):

@@ -20,6 +20,7 @@ from synthetic import make_groups, tiny_qwen2  # noqa: E402
 from common.config import load_config  # noqa: E402
 from learner.rollout import build_batch  # noqa: E402
 from learner.step import Models, prime_step, shard_groups  # noqa: E402
+from learner.trainer import close_dist  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = [
@@ -187,7 +188,8 @@ def _rank_main(rank, world, port, overrides, out_dir, parallel="ddp", kind="even
     m = prime_step(models, mine, cfg, policy_version=0)
     out = {"policy": params(models.policy), "prm": params(models.prm), "metrics": m}
     torch.save(out, f"{out_dir}/rank{rank}.pt")
-    dist.destroy_process_group()
+    del models  # DDP/FSDP2 hold the group: dropped first, then it is destroyed cleanly
+    close_dist()
 
 
 @pytest.mark.parametrize("prm_update", ["after", "before"])

@@ -183,7 +183,7 @@ def _fsdp_rank(rank, world, port, tmp_path):
     torch.set_num_threads(1)
     from torch.distributed.tensor import DTensor
 
-    from learner.trainer import Learner
+    from learner.trainer import Learner, close_dist
 
     sender = _Capture()
     learner = Learner(_cfg(tmp_path, "model.parallel=fsdp2", "optim.policy.lr=5e-7"), sender=sender)
@@ -208,7 +208,8 @@ def _fsdp_rank(rank, world, port, tmp_path):
     out["sent_dtypes"] = sorted({str(v.dtype) for v in state.values()})
     out["sent_is_rounded_masters"] = all(torch.equal(state[k], s["policy"][k].to(torch.bfloat16)) for k in state)
     torch.save(out, Path(tmp_path) / "fsdp2_precision.pt")
-    torch.distributed.destroy_process_group()
+    del learner, m  # their FSDP2 models hold the group
+    close_dist()
 
 
 def test_fsdp2_one_rank_mixed_precision_policy(tmp_path):

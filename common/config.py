@@ -229,7 +229,7 @@ class AsyncConfig(_Section):
     )
     admission: Literal["capacity", "version"] = Field(
         "capacity",
-        description="How actors are admitted to start groups: 'capacity' = the version rule plus AReaL's capacity rule (at learner version v at most (η + v + 1)·B groups ever accepted or in flight, B = batch.prompts_per_step; over-stale drops become rare); 'version' = the version rule alone (actors generate freely; the learner drops what ages past η). [enum]",
+        description="How actors are admitted to start groups: 'capacity' = the version rule plus AReaL's capacity rule (at learner version v at most (η − actor_lag + v + 1)·B groups ever accepted or in flight, B = batch.prompts_per_step; over-stale drops become rare); 'version' = the version rule alone (actors generate freely; the learner drops what ages past η). [enum]",
     )
     admission_slack: float = Field(
         0.0, ge=0.0, le=10.0, description="Capacity admission: standard deviations of the accuracy filter's binomial keep count added to the budget, so that a step's batch is rarely a few groups short and the learner waits for another generation round; surplus kept groups are buffered for the next step (and count against its room). 0 = the expected count. [standard deviations]"

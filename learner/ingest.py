@@ -22,7 +22,11 @@ Contract
   the learner will have consumed v·B groups; groups started from now on may be used up to
   version v + η, so at most (η + v + 1)·B groups may ever be accepted or outstanding. The
   budget handed to the server (``server.set_admission``) is that bound minus the groups
-  accepted so far: (η + 1)·B − buffered − already taken for the batch being built. It is
+  accepted so far: (η + 1)·B − buffered − already taken for the batch being built. Under
+  controlled staleness (``actor_lag`` = k: actors generate with weights k versions behind
+  the announced one) a group started now is already k versions old, so it may be used only
+  up to version v + η − k, and the bound is (η − k + 1)·B (without this, at η = 8 and
+  k = 7 actors ran 9 batches ahead and half of all groups aged past η, measured). It is
   renewed whenever a group is accepted or taken and when the version advances; filtered,
   truncated and stale groups use no room (they free it when they arrive). Because the
   accuracy filter will discard a share of what is generated, the room is divided by the
@@ -105,8 +109,11 @@ def _bad_ids(ids: np.ndarray, vocab_size: int | None) -> bool:
 class Ingest:
     def __init__(self, server, max_staleness: int, filter_low: float, filter_high: float,
                  drop_truncated: bool = False, max_buffered: int = 1024, groups_per_step: int | None = None,
-                 limits: GroupLimits | None = None, admission_slack: float = 0.0):
+                 limits: GroupLimits | None = None, admission_slack: float = 0.0, actor_lag: int = 0):
+        if not 0 <= actor_lag <= max(max_staleness - 1, 0):
+            raise ValueError(f"actor_lag ({actor_lag}) must be in [0, max_staleness - 1] (max_staleness {max_staleness})")
         self.server = server
+        self.actor_lag = int(actor_lag)  # k: versions a group is old when it starts (controlled staleness)
         self.admission_slack = float(admission_slack)  # z: standard deviations of the kept count
         self.limits = limits or GroupLimits()
         self.rejected = collections.Counter()  # reason -> groups (check_group)
@@ -126,7 +133,8 @@ class Ingest:
         return max(sum(self._kept_recent) / len(self._kept_recent), MIN_KEEP_RATE)
 
     def admission_budget(self, taken: int = 0) -> int | None:
-        """⌈(room + z·√(room·(1 − p))) / p⌉ with room = (η + 1)·B − buffered − ``taken``
+        """⌈(room + z·√(room·(1 − p))) / p⌉ with room = (η − k + 1)·B − buffered − ``taken``
+        (k = ``actor_lag``, 0 unless staleness is controlled)
         (``taken``: groups already taken for the batch being built), p the keep rate and z
         the admission slack: with z = 0 the groups that keep ``room`` on average; z > 0 adds
         z standard deviations of the filter's binomial keep count, so that a batch is rarely
@@ -134,7 +142,7 @@ class Ingest:
         None without admission."""
         if self.groups_per_step is None:
             return None
-        room = max((self.eta + 1) * self.groups_per_step - len(self.buffer) - taken, 0)
+        room = max((self.eta - self.actor_lag + 1) * self.groups_per_step - len(self.buffer) - taken, 0)
         p = self.keep_rate()
         extra = self.admission_slack * np.sqrt(room * (1.0 - p)) if room else 0.0
         return int(np.ceil((room + extra) / p - 1e-9))

@@ -371,7 +371,7 @@ class Learner:
                                      p.drop_truncated, cfg.batch.max_buffered_groups,
                                      groups_per_step=cfg.batch.prompts_per_step
                                      if cfg.async_.admission == "capacity" else None, limits=limits,
-                                     admission_slack=cfg.async_.admission_slack)
+                                     admission_slack=cfg.async_.admission_slack, actor_lag=cfg.async_.actor_lag)
                 self.ingest.update_admission()
 
     # ------------------------------------------------------------- checkpoints

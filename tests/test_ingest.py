@@ -135,3 +135,20 @@ def test_admission_slack_covers_the_filters_binomial_spread():
             ing.admission_slack = z
             n = ing.admission_budget()
             assert lo <= p_enough(n, 8, ing.keep_rate()) <= hi, (p, z, n)
+
+
+def test_controlled_lag_shrinks_the_room_by_the_lag():
+    """With async.actor_lag = k a group starts k versions old, so only (η − k + 1)·B groups
+    may be outstanding (at η = 8, k = 7 the unshrunk room let actors run 9 batches ahead and
+    about half of all groups aged past η in a 60-step run); k is checked against η."""
+    plain = Ingest(None, max_staleness=8, filter_low=0.2, filter_high=0.8, groups_per_step=4)
+    lagged = Ingest(None, max_staleness=8, filter_low=0.2, filter_high=0.8, groups_per_step=4, actor_lag=7)
+    assert plain.admission_budget() == 36          # (8 + 1)·4
+    assert lagged.admission_budget() == 8          # (8 − 7 + 1)·4
+    for i in range(3):
+        lagged._accept(group(f"k{i}", MIXED, 7), 7)  # 3 kept, buffered (keep rate still 1 before warm-up)
+    assert lagged.admission_budget() == 5 and lagged.admission_budget(taken=5) == 0
+    assert Ingest(None, max_staleness=0, filter_low=0.2, filter_high=0.8, groups_per_step=4).admission_budget() == 4
+    for bad in (8, 9, -1):
+        with pytest.raises(ValueError, match="actor_lag"):
+            Ingest(None, max_staleness=8, filter_low=0.2, filter_high=0.8, groups_per_step=4, actor_lag=bad)

@@ -699,7 +699,8 @@ class LearnerServer:
         self._wake.put(("broadcast",))
 
     def set_admission(self, budget: int | None) -> None:
-        """Capacity-based admission (AReaL's rule): ``budget`` = (η + v + 1)·B − groups the
+        """Capacity-based admission (AReaL's rule): ``budget`` = (η + v + 1)·B (η − k with
+        controlled staleness ``actor_lag`` = k, computed by ``Ingest``) − groups the
         learner has already accepted (consumed or buffered), i.e. how many more groups may
         be outstanding (started by actors, not yet taken by ``recv_group``). The server
         shares ``budget − outstanding`` among the live generating actors and sends each its

@@ -542,7 +542,7 @@ def run_learner(cfg: PrimeRunConfig, steps: int | None = None) -> dict[str, floa
     from common.weight_sync import sender_from_config
     from learner.metrics_log import MetricsLogger
 
-    owns_group = "RANK" in os.environ and not dist.is_initialized()  # created here: closed here
+    had_group = dist.is_initialized()  # a caller's own group is left alone at the end
     _init_dist(cfg.run.device)
     rank, _ = world()
     placement.apply(cfg.placement, "learner", int(os.environ.get("LOCAL_RANK", 0)),
@@ -577,6 +577,6 @@ def run_learner(cfg: PrimeRunConfig, steps: int | None = None) -> dict[str, floa
             sender.close()
             logger.close()
     del learner  # (only reached on success: a failed rank must not wait in a barrier)
-    if owns_group:
-        close_dist()
+    if not had_group:
+        close_dist()  # (a no-op when no group was created: world 1 without torchrun)
     return last

@@ -33,11 +33,12 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+if __name__ == "__main__" and not __package__:  # started as a file: re-run as a module (launch/__init__.py)
+    from launch import as_module
+
+    as_module(__file__)
 
 import torch  # noqa: E402
 

@@ -33,12 +33,13 @@ import json
 import os
 import shutil
 import statistics
-import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+if __name__ == "__main__" and not __package__:  # started as a file: re-run as a module (launch/__init__.py)
+    from launch import as_module
+
+    as_module(__file__)
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402

@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/pipeline.py [--eta 1] [--steps 40] [--rounds 2] [--skip 3]
         [--config configs/tiny.yaml] [--output-dir runs/pipeline] [--with-eval] [key=value ...]
 
-Each run is ``common.local_run.run_local`` (real learner under torchrun, real actors; the
+Each run is ``launch.local.run_local`` (real learner under torchrun, real actors; the
 evaluator only with ``--with-eval``) with the same seed, steps and overrides, and
 ``async.max_staleness`` = 0 or η. Rounds are interleaved (the order flips every round) so a
 shared machine's load drifts fall on both alike; figures are medians over rounds.
@@ -25,14 +25,15 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
+if __name__ == "__main__" and not __package__:  # started as a file: re-run as a module (launch/__init__.py)
+    from launch import as_module
 
-from staleness import measure_run  # noqa: E402
+    as_module(__file__)
+
+from benchmarks.staleness import measure_run  # noqa: E402
 
 
 def overlap_figures(sync: dict, asyn: dict) -> dict:

@@ -27,12 +27,14 @@ import functools
 import json
 import shutil
 import statistics
-import sys
 import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+if __name__ == "__main__" and not __package__:  # started as a file: re-run as a module (launch/__init__.py)
+    from launch import as_module
+
+    as_module(__file__)
 
 PHASES = {"prm": "time/prm_s", "old_logp": "time/old_logp_s", "policy": "time/policy_s"}
 

@@ -42,8 +42,10 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+if __name__ == "__main__" and not __package__:  # started as a file: re-run as a module (launch/__init__.py)
+    from launch import as_module
+
+    as_module(__file__)
 
 import numpy as np  # noqa: E402
 

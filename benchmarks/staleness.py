@@ -4,7 +4,7 @@
         [--steps 40] [--rounds 1] [--config configs/tiny.yaml] [--output-dir runs/staleness]
         [--no-eval] [key=value ...]
 
-Each run is ``common.local_run.run_local`` (real learner under torchrun, real actors, the
+Each run is ``launch.local.run_local`` (real learner under torchrun, real actors, the
 evaluator unless ``--no-eval``) with ``async.max_staleness=η`` and the same seed, steps and
 overrides; η = 0 is synchronous (an actor starts a group only with the learner's newest
 weights). ``--admission`` also varies ``async.admission`` (capacity = the version rule plus
@@ -25,11 +25,13 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+if __name__ == "__main__" and not __package__:  # started as a file: re-run as a module (launch/__init__.py)
+    from launch import as_module
+
+    as_module(__file__)
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -64,10 +66,10 @@ def run_figures(metrics: list[dict], evals: list[dict], skip: int, last_n: int) 
 
 def measure_run(config: str, overrides: list[str], run_dir: Path, steps: int, skip: int,
                 with_eval: bool = True) -> dict:
-    """One real run (``common.local_run.run_local``) of ``config`` with ``overrides``, ``steps``
+    """One real run (``launch.local.run_local``) of ``config`` with ``overrides``, ``steps``
     learner steps, in ``run_dir`` (the evaluator off unless ``with_eval``); its ``run_figures``."""
     from common.config import load_config
-    from common.local_run import run_local
+    from launch.local import run_local
 
     ov = [*overrides, f"run.steps={steps}", f"run.output_dir={run_dir}"] + ([] if with_eval else ["eval.every=0"])
     cfg = load_config(config, ov)

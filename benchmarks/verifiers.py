@@ -10,12 +10,14 @@ The last line carries the headline figure (pool over single-caller speed-up on m
 import argparse
 import gzip
 import json
-import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+if __name__ == "__main__" and not __package__:  # started as a file: re-run as a module (launch/__init__.py)
+    from launch import as_module
+
+    as_module(__file__)
 
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402

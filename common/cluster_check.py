@@ -385,7 +385,6 @@ class _Checker:
 
     # ---------------------------------------------------------------- learner: binds
     def binds(self):
-        a = self.cfg.async_
         for field in ("transport.trajectory_addr", "transport.control_addr"):
             if field not in self.endpoints:
                 continue

@@ -1,6 +1,6 @@
 """Reading JSON-lines files that another process may still be appending to.
 
-Who calls it: the launcher's live view and summary (``common.local_run``), the sweep report,
+Who calls it: the launcher's live view and summary (``launch.local``), the sweep report,
 the evaluator resuming its ``eval.jsonl``. Contract: ``read_rows(path)`` returns one dict per
 complete line; a line that does not parse (the one being written) is skipped; a missing file
 is an empty list. Not covered: writing (each writer appends whole lines itself).

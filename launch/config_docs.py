@@ -1,9 +1,11 @@
 """Regenerate docs/config.md from the typed config tree (common/config.py)."""
 
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if __name__ == "__main__" and not __package__:  # started as a file: re-run as a module (launch/__init__.py)
+    from launch import as_module
+
+    as_module(__file__)
 
 from common.config import render_markdown  # noqa: E402
 

@@ -15,9 +15,11 @@ prints how often two result files extracted the same answers.
 
 import argparse
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if __name__ == "__main__" and not __package__:  # started as a file: re-run as a module (launch/__init__.py)
+    from launch import as_module
+
+    as_module(__file__)
 
 from actors.evaluate import BENCHMARKS, compare_runs, run_eval  # noqa: E402
 

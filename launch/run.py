@@ -2,10 +2,10 @@
 processes, one live progress view; nothing is left running when it ends or is interrupted.
 
     python launch/run.py [--config FILE] [--steps N] [--output-dir DIR] [--nproc-per-node N] [key=value ...]
-    python launch/run.py --selfcheck [--no-vllm]     # the setup self-check (common/selfcheck.py)
+    python launch/run.py --selfcheck [--no-vllm]     # the setup self-check (launch/selfcheck.py)
     python launch/run.py --check [--config FILE] [key=value ...]   # check the config, ports, keys, GPUs (launch/check.py)
 
-Default config: configs/tiny.yaml, the embedded arithmetic task on CPU (common/local_run.py
+Default config: configs/tiny.yaml, the embedded arithmetic task on CPU (launch/local.py
 says what a run does and writes).
 """
 
@@ -14,7 +14,10 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+if __name__ == "__main__" and not __package__:  # started as a file: re-run as a module (launch/__init__.py)
+    from launch import as_module
+
+    as_module(__file__)
 
 from common.config import ConfigError, load_config  # noqa: E402
 
@@ -62,7 +65,7 @@ def main(argv=None):
     logging.basicConfig(level=cfg.logging.level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if args.selfcheck:
         return selfcheck(cfg, args)
-    from common.local_run import run_local
+    from launch.local import run_local
 
     import signal
 
@@ -81,7 +84,7 @@ def selfcheck(cfg, args):
     from rich.console import Console
     from rich.table import Table
 
-    from common.selfcheck import run_selfcheck
+    from launch.selfcheck import run_selfcheck
 
     console = Console()
     console.print("[bold]Self-check[/bold]")

@@ -11,11 +11,13 @@ DIR/curves_step.png / DIR/curves_time.png. Presets: configs/sweeps/.
 """
 
 import argparse
-import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+if __name__ == "__main__" and not __package__:  # started as a file: re-run as a module (launch/__init__.py)
+    from launch import as_module
+
+    as_module(__file__)
 
 
 def main(argv=None):

@@ -19,7 +19,10 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+if __name__ == "__main__" and not __package__:  # started as a file: re-run as a module (launch/__init__.py)
+    from launch import as_module
+
+    as_module(__file__)
 
 from common.config import ConfigError, load_config  # noqa: E402
 

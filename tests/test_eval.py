@@ -26,7 +26,6 @@ from actors.evaluate import (
     BENCHMARKS,
     CODE_SUFFIX,
     MATH_SUFFIX,
-    BenchmarkScore,
     EvalItem,
     ResponseRecord,
     answer_agreement,

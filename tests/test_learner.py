@@ -5,7 +5,6 @@ ZeroMQ transport trains, publishes versions and writes its run directory."""
 
 import os
 import sys
-import threading
 import time
 from pathlib import Path
 

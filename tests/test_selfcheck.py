@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from common.config import load_config
-from common.selfcheck import run_selfcheck
+from launch.selfcheck import run_selfcheck
 
 ROOT = Path(__file__).resolve().parents[1]
 

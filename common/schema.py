@@ -29,7 +29,7 @@ Contract
 - Decoding copies no token data: a decoded ``Array.data`` is a read-only memoryview into
   the received buffer (see ``Array``).
 
-Not covered here: sockets, credits, sequence accounting (``common/transport.py``), how
+Not covered here: sockets, credits, sequence accounting (``common/transport/``), how
 weights are fetched (the ``PolicyUpdate`` handle is opaque), token ids against the
 vocabulary size (only the learner knows it), what the learner does with a group.
 """

@@ -10,10 +10,9 @@ Contract
    ``engine.load_weights(state, version)``; the heartbeat state is updated. With
    ``async.actor_lag`` = k > 0 (controlled staleness) every announced version is received
    into a delay line and the engine loads the newest one at most k behind the announcement.
-2. Admission: no batch is started while ``learner_version - engine.policy_version > eta``
-   (``client.admitted``), nor, when the learner sends a capacity bound (``async.admission:
-   capacity``), beyond it: a batch takes at most ``client.admit_room(groups started)``
-   prompts. While not admitted (or with no room) the actor first finishes the batch whose
+2. Admission (the rule: ``common.admission``): no batch is started while the client does not
+   admit the engine's version (``client.admitted``), and, under a capacity bound, a batch
+   takes at most ``client.admit_room(groups started)`` prompts. While not admitted (or with no room) the actor first finishes the batch whose
    verification is pending (sending it is what frees room), then waits, loading new
    weights as soon as they are announced. Groups started and dropped are reported in the
    heartbeat for the learner's accounting.

@@ -167,6 +167,7 @@ def broadcast_case(n: int, args) -> dict:
 def run_case(n: int, args) -> dict:
     from common.config import TransportConfig
     from common.transport import LearnerServer
+    from common.admission import AdmissionRule
     from learner.ingest import GroupLimits, Ingest
 
     traj, ctrl = ((f"tcp://127.0.0.1:{args.port}", f"tcp://127.0.0.1:{args.port + 1}") if args.port
@@ -175,7 +176,7 @@ def run_case(n: int, args) -> dict:
                           peer_timeout_s=max(10.0, 5 * args.heartbeat_s))
     server = LearnerServer(cfg, max_staleness=args.eta).start()
     traj, ctrl = server.trajectory_endpoint, server.control_endpoint  # what was bound
-    ingest = Ingest(server, args.eta, 0.2, 0.8, groups_per_step=args.batch,
+    ingest = Ingest(server, AdmissionRule(eta=args.eta, groups_per_step=args.batch), 0.2, 0.8,
                     limits=GroupLimits(k=args.k, max_prompt_tokens=64, max_tokens=args.tokens, vocab_size=1000))
     ingest.update_admission()
     procs = [subprocess.Popen(

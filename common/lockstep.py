@@ -1,11 +1,10 @@
-"""The learner's intake rule for one group, and the lockstep schedule built on it.
+"""The lockstep schedule (the learner's intake rule replayed on the actor side) and the
+evaluation weights of deterministic mode.
 
 Contract
 --------
-- ``group_fate(...)`` is the rule ``learner.ingest.Ingest`` applies to every received group:
-  ``"stale"`` (its oldest token is more than η versions behind the version it would be
-  trained at), ``"truncated"`` (a response hit max_tokens and truncated groups are dropped),
-  ``"filtered"`` (mean outcome outside [low, high], PRIME §6) or ``"kept"``. Pure: no I/O.
+- The rule itself is ``common.admission.group_fate`` (``learner.ingest.Ingest`` applies it to
+  every received group): ``"stale"``, ``"truncated"``, ``"filtered"`` or ``"kept"``.
 - ``LockstepSchedule`` replays that rule on the actor's side in deterministic mode
   (``run.deterministic``): fed the groups an actor sends, in order, it knows exactly which
   learner step will consume the next group (``step``), because the learner takes kept groups
@@ -29,32 +28,9 @@ import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-__all__ = ["is_stale", "group_fate", "LockstepSchedule", "eval_weights_path", "save_eval_weights"]
+from common.admission import group_fate
 
-_TOL = 1e-9  # the filter's bounds are inclusive up to rounding
-
-
-def is_stale(oldest_version: int, current_version: int, eta: int) -> bool:
-    """A group whose oldest token is more than η versions behind ``current_version``."""
-    return current_version - oldest_version > eta
-
-
-def group_fate(outcomes: Sequence[float], any_truncated: bool, oldest_version: int, current_version: int, *,
-               eta: int, low: float, high: float, drop_truncated: bool) -> str:
-    """What the learner does with a group at ``current_version``.
-
-    Args: outcomes: [K] verifier rewards of the group's responses; any_truncated: a response
-    ended by max_tokens; oldest_version: the oldest token's policy version.
-    Returns one of ``"stale"``, ``"truncated"``, ``"filtered"``, ``"kept"`` (checked in that order).
-    """
-    if is_stale(oldest_version, current_version, eta):
-        return "stale"
-    if drop_truncated and any_truncated:
-        return "truncated"
-    acc = sum(float(o) for o in outcomes) / max(len(outcomes), 1)
-    if not (low - _TOL <= acc <= high + _TOL):
-        return "filtered"
-    return "kept"
+__all__ = ["LockstepSchedule", "eval_weights_path", "save_eval_weights"]
 
 
 class LockstepSchedule:

@@ -13,29 +13,17 @@ Contract
   ``stale`` (a token older than current_version − η: the backstop behind admission),
   ``truncated`` (a response hit max_tokens and ``prime.drop_truncated``), ``filtered``
   (mean outcome outside [filter_low, filter_high], PRIME §6), ``overflow`` (the surplus
-  buffer was full; the oldest waiting group goes); the rule is ``common.lockstep.group_fate``.
+  buffer was full; the oldest waiting group goes); the rule is ``common.admission.group_fate``.
   Kept groups wait in a FIFO buffer; a batch takes the oldest first. Staleness is re-checked
   when a group leaves the buffer.
 - ``next_batch(n, current_version)`` returns n groups, blocking until they exist, and the
   seconds it waited (the learner's wait-for-data time).
-- Admission (``groups_per_step`` = B given): the capacity rule of AReaL. At learner version v
-  the learner will have consumed v·B groups; groups started from now on may be used up to
-  version v + η, so at most (η + v + 1)·B groups may ever be accepted or outstanding. The
-  budget handed to the server (``server.set_admission``) is that bound minus the groups
-  accepted so far: (η + 1)·B − buffered − already taken for the batch being built. Under
-  controlled staleness (``actor_lag`` = k: actors generate with weights k versions behind
-  the announced one) a group started now is already k versions old, so it may be used only
-  up to version v + η − k, and the bound is (η − k + 1)·B (without this, at η = 8 and
-  k = 7 actors ran 9 batches ahead and half of all groups aged past η, measured). It is
-  renewed whenever a group is accepted or taken and when the version advances; filtered,
-  truncated and stale groups use no room (they free it when they arrive). Because the
-  accuracy filter will discard a share of what is generated, the room is divided by the
-  recent keep rate p (kept / (kept + filtered + truncated) over the last ``KEEP_WINDOW``
-  groups, floored at ``MIN_KEEP_RATE``; 1 until ``KEEP_WARMUP`` groups are seen), so that the
-  outstanding groups are expected to fill it — without this a synchronous run (η = 0)
-  would refill its last few slots one small generation at a time. With admission the
-  ``stale`` backstop catches the variance of the filter and groups from actors that
-  started before hearing of a new version.
+- Admission (``AdmissionRule`` with B, ``async.admission: capacity``): the budget handed to
+  the server (``server.set_admission``) is the rule's (``common.admission``, rules 3–4) for
+  accepted = buffered + already taken for the batch being built. It is renewed whenever a
+  group is accepted or taken and when the version advances. With admission the ``stale``
+  backstop catches the variance of the filter and groups from actors that started before
+  hearing of a new version.
 Not covered: credits and transport accounting (the server's), sharding to ranks.
 """
 
@@ -48,14 +36,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from common.lockstep import group_fate, is_stale
+from common.admission import KEEP_WINDOW, AdmissionRule, group_fate, is_stale, keep_rate
 
 log = logging.getLogger(__name__)
 
 
-KEEP_WINDOW = 256    # groups in the keep-rate estimate [groups]
-KEEP_WARMUP = 16     # groups seen before the estimate is used [groups]
-MIN_KEEP_RATE = 0.1  # floor of the estimate (bounds the inflation to 10x) [fraction]
 MIN_LOGP = -50.0     # a sampled token below this log-prob (p < 2e-22) means a broken or hostile sender [nats]
 
 
@@ -107,45 +92,28 @@ def _bad_ids(ids: np.ndarray, vocab_size: int | None) -> bool:
 
 
 class Ingest:
-    def __init__(self, server, max_staleness: int, filter_low: float, filter_high: float,
-                 drop_truncated: bool = False, max_buffered: int = 1024, groups_per_step: int | None = None,
-                 limits: GroupLimits | None = None, admission_slack: float = 0.0, actor_lag: int = 0):
-        if not 0 <= actor_lag <= max(max_staleness - 1, 0):
-            raise ValueError(f"actor_lag ({actor_lag}) must be in [0, max_staleness - 1] (max_staleness {max_staleness})")
+    def __init__(self, server, rule: AdmissionRule, filter_low: float, filter_high: float,
+                 drop_truncated: bool = False, max_buffered: int = 1024, limits: GroupLimits | None = None):
         self.server = server
-        self.actor_lag = int(actor_lag)  # k: versions a group is old when it starts (controlled staleness)
-        self.admission_slack = float(admission_slack)  # z: standard deviations of the kept count
+        self.rule = rule
         self.limits = limits or GroupLimits()
         self.rejected = collections.Counter()  # reason -> groups (check_group)
-        self.eta = max_staleness
+        self.eta = rule.eta
         self.low, self.high = filter_low, filter_high
         self.drop_truncated = drop_truncated
         self.buffer: collections.deque = collections.deque()
         self.max_buffered = max_buffered
         self.counts = collections.Counter()
-        self.groups_per_step = groups_per_step  # B; None = no capacity admission
         self._kept_recent: collections.deque = collections.deque(maxlen=KEEP_WINDOW)  # 1 kept, 0 filtered
 
     def keep_rate(self) -> float:
-        """Recent share of groups the filters keep (staleness aside); 1.0 until KEEP_WARMUP."""
-        if len(self._kept_recent) < KEEP_WARMUP:
-            return 1.0
-        return max(sum(self._kept_recent) / len(self._kept_recent), MIN_KEEP_RATE)
+        """Recent share of groups the filters keep (staleness aside): ``common.admission.keep_rate``."""
+        return keep_rate(self._kept_recent)
 
     def admission_budget(self, taken: int = 0) -> int | None:
-        """⌈(room + z·√(room·(1 − p))) / p⌉ with room = (η − k + 1)·B − buffered − ``taken``
-        (k = ``actor_lag``, 0 unless staleness is controlled)
-        (``taken``: groups already taken for the batch being built), p the keep rate and z
-        the admission slack: with z = 0 the groups that keep ``room`` on average; z > 0 adds
-        z standard deviations of the filter's binomial keep count, so that a batch is rarely
-        a few groups short (which makes the learner wait for one more generation round).
-        None without admission."""
-        if self.groups_per_step is None:
-            return None
-        room = max((self.eta - self.actor_lag + 1) * self.groups_per_step - len(self.buffer) - taken, 0)
-        p = self.keep_rate()
-        extra = self.admission_slack * np.sqrt(room * (1.0 - p)) if room else 0.0
-        return int(np.ceil((room + extra) / p - 1e-9))
+        """The rule's budget with accepted = buffered + ``taken`` (groups already taken for the
+        batch being built); None without a capacity bound."""
+        return self.rule.budget(len(self.buffer) + taken, self.keep_rate())
 
     def update_admission(self, taken: int = 0) -> None:
         """Hand the current budget to the server (if it takes one)."""

@@ -59,6 +59,7 @@ import torch
 import torch.distributed as dist
 
 from common import placement, schema
+from common.admission import AdmissionRule
 from common.config import PrimeRunConfig, save_resolved
 from common.jsonl import read_rows
 from common.lockstep import save_eval_weights
@@ -367,11 +368,9 @@ class Learner:
                 p, g = cfg.prime, cfg.generation
                 limits = GroupLimits(k=g.k, max_prompt_tokens=g.max_prompt_tokens, max_tokens=g.max_tokens,
                                      vocab_size=unwrap(self.models.policy).get_input_embeddings().num_embeddings)
-                self.ingest = Ingest(self.server, cfg.async_.max_staleness, p.filter_low, p.filter_high,
-                                     p.drop_truncated, cfg.batch.max_buffered_groups,
-                                     groups_per_step=cfg.batch.prompts_per_step
-                                     if cfg.async_.admission == "capacity" else None, limits=limits,
-                                     admission_slack=cfg.async_.admission_slack, actor_lag=cfg.async_.actor_lag)
+                self.ingest = Ingest(self.server, AdmissionRule.from_config(cfg.async_, cfg.batch.prompts_per_step),
+                                     p.filter_low, p.filter_high, p.drop_truncated, cfg.batch.max_buffered_groups,
+                                     limits=limits)
                 self.ingest.update_admission()
 
     # ------------------------------------------------------------- checkpoints
@@ -551,7 +550,8 @@ def run_learner(cfg: PrimeRunConfig, steps: int | None = None) -> dict[str, floa
     if rank == 0:
         # capacity admission: nobody starts a group before the learner has set its budget
         server = LearnerServer(cfg.transport, max_staleness=cfg.async_.max_staleness,
-                               admission_budget=0 if cfg.async_.admission == "capacity" else None).start()
+                               admission_budget=AdmissionRule.from_config(cfg.async_, cfg.batch.prompts_per_step)
+                               .initial_budget()).start()
         handle = f"prime-{os.getpid()}"  # shm: the channel's folder; gloo/nccl: a new one per learner start
         # gloo/nccl: actors and the evaluator join at async.weight_sync_addr whenever they come
         sender = sender_from_config(cfg.async_, num_receivers=0, channel=handle)

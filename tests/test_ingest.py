@@ -2,11 +2,13 @@
 staleness backstop, the surplus buffer, and the capacity-admission budget it hands the server."""
 
 import contextlib
+import dataclasses
 import time
 
 import numpy as np
 import pytest
 
+from common.admission import AdmissionRule
 from common.config import TransportConfig
 from common.schema import Array, Response, TrajectoryGroup
 from common.transport import ActorClient, LearnerServer
@@ -50,7 +52,7 @@ def link():
 
 def test_budget_filter_backstop_and_buffer(link):
     srv, cli = link
-    ing = Ingest(srv, max_staleness=1, filter_low=0.2, filter_high=0.8, groups_per_step=2)
+    ing = Ingest(srv, AdmissionRule(eta=1, groups_per_step=2), filter_low=0.2, filter_high=0.8)
     ing.update_admission()
     assert srv._admission_budget == 4  # (η + 1)·B = 2·2, nothing accepted yet
     for g in (group("a", MIXED, 0), group("b", ALL_RIGHT, 0), group("c", MIXED, 0), group("d", MIXED, 0)):
@@ -83,14 +85,14 @@ def test_budget_filter_backstop_and_buffer(link):
 
 def test_without_groups_per_step_no_budget(link):
     srv, _ = link
-    ing = Ingest(srv, max_staleness=1, filter_low=0.2, filter_high=0.8)
+    ing = Ingest(srv, AdmissionRule(eta=1), filter_low=0.2, filter_high=0.8)
     assert ing.admission_budget() is None
     ing.update_admission()
     assert srv._admission_budget == 0  # untouched: the version rule alone is the caller's choice
 
 
 def test_budget_divided_by_the_recent_keep_rate():
-    ing = Ingest(None, max_staleness=1, filter_low=0.2, filter_high=0.8, groups_per_step=4)
+    ing = Ingest(None, AdmissionRule(eta=1, groups_per_step=4), filter_low=0.2, filter_high=0.8)
     for i in range(15):  # before KEEP_WARMUP (16) groups: no inflation
         ing._accept(group(f"k{i}", MIXED if i % 2 else ALL_RIGHT, 0), 0)
     assert ing.keep_rate() == 1.0
@@ -115,14 +117,14 @@ def test_admission_slack_covers_the_filters_binomial_spread():
     (with z = 2 a budget keeps at least the room in ≥ 95% of draws; with z = 0 about half)."""
     import math
 
-    ing = Ingest(None, max_staleness=1, filter_low=0.2, filter_high=0.8, groups_per_step=4, admission_slack=2.0)
+    ing = Ingest(None, AdmissionRule(eta=1, groups_per_step=4, slack=2.0), filter_low=0.2, filter_high=0.8)
     for i in range(16):
         ing._accept(group(f"k{i}", MIXED if i % 2 else ALL_RIGHT, 0), 0)
     ing.buffer.clear()
     assert ing.keep_rate() == 0.5
     assert ing.admission_budget() == 24            # room 8: ⌈(8 + 2·√(8·0.5)) / 0.5⌉ = ⌈12 / 0.5⌉
     assert ing.admission_budget(taken=8) == 0      # no room, no slack
-    ing.admission_slack = 0.0
+    ing.rule = dataclasses.replace(ing.rule, slack=0.0)
     assert ing.admission_budget() == 16
 
     def p_enough(n, room, p):  # P(Binomial(n, p) >= room)
@@ -132,7 +134,7 @@ def test_admission_slack_covers_the_filters_binomial_spread():
         ing._kept_recent.clear()
         ing._kept_recent.extend([1] * round(p * 100) + [0] * (100 - round(p * 100)))
         for z, lo, hi in ((2.0, 0.95, 1.0), (0.0, 0.4, 0.8)):
-            ing.admission_slack = z
+            ing.rule = dataclasses.replace(ing.rule, slack=z)
             n = ing.admission_budget()
             assert lo <= p_enough(n, 8, ing.keep_rate()) <= hi, (p, z, n)
 
@@ -141,14 +143,14 @@ def test_controlled_lag_shrinks_the_room_by_the_lag():
     """With async.actor_lag = k a group starts k versions old, so only (η − k + 1)·B groups
     may be outstanding (at η = 8, k = 7 the unshrunk room let actors run 9 batches ahead and
     about half of all groups aged past η in a 60-step run); k is checked against η."""
-    plain = Ingest(None, max_staleness=8, filter_low=0.2, filter_high=0.8, groups_per_step=4)
-    lagged = Ingest(None, max_staleness=8, filter_low=0.2, filter_high=0.8, groups_per_step=4, actor_lag=7)
+    plain = Ingest(None, AdmissionRule(eta=8, groups_per_step=4), filter_low=0.2, filter_high=0.8)
+    lagged = Ingest(None, AdmissionRule(eta=8, groups_per_step=4, actor_lag=7), filter_low=0.2, filter_high=0.8)
     assert plain.admission_budget() == 36          # (8 + 1)·4
     assert lagged.admission_budget() == 8          # (8 − 7 + 1)·4
     for i in range(3):
         lagged._accept(group(f"k{i}", MIXED, 7), 7)  # 3 kept, buffered (keep rate still 1 before warm-up)
     assert lagged.admission_budget() == 5 and lagged.admission_budget(taken=5) == 0
-    assert Ingest(None, max_staleness=0, filter_low=0.2, filter_high=0.8, groups_per_step=4).admission_budget() == 4
+    assert Ingest(None, AdmissionRule(eta=0, groups_per_step=4), filter_low=0.2, filter_high=0.8).admission_budget() == 4
     for bad in (8, 9, -1):
         with pytest.raises(ValueError, match="actor_lag"):
-            Ingest(None, max_staleness=8, filter_low=0.2, filter_high=0.8, groups_per_step=4, actor_lag=bad)
+            Ingest(None, AdmissionRule(eta=8, groups_per_step=4, actor_lag=bad), filter_low=0.2, filter_high=0.8)

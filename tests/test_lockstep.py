@@ -1,4 +1,4 @@
-"""common/lockstep.py: the intake rule by hand, the actor-side replay of the learner's
+"""common/lockstep.py: the actor-side replay of the learner's
 consumption against the real ``Ingest`` fed through a real LearnerServer/ActorClient, and the
 evaluation weights the learner leaves for the evaluator in deterministic mode."""
 
@@ -7,23 +7,9 @@ import pytest
 import torch
 from test_ingest import group, live_link
 
-from common.lockstep import LockstepSchedule, eval_weights_path, group_fate, save_eval_weights
+from common.admission import AdmissionRule
+from common.lockstep import LockstepSchedule, eval_weights_path, save_eval_weights
 from learner.ingest import Ingest
-
-RULE = dict(eta=1, low=0.2, high=0.8, drop_truncated=True)
-
-
-def test_group_fate_by_hand():
-    assert group_fate([1, 0, 0, 1], False, 3, 4, **RULE) == "kept"      # lag 1 = η, accuracy 0.5
-    assert group_fate([1, 0, 0, 1], False, 2, 4, **RULE) == "stale"     # lag 2 > η, checked first
-    assert group_fate([1, 1, 1, 1], True, 2, 4, **RULE) == "stale"
-    assert group_fate([1, 0, 0, 1], True, 4, 4, **RULE) == "truncated"
-    assert group_fate([1, 0, 0, 1], True, 4, 4, **{**RULE, "drop_truncated": False}) == "kept"
-    assert group_fate([1, 1, 1, 1], False, 4, 4, **RULE) == "filtered"  # 1.0 > 0.8
-    assert group_fate([0, 0, 0, 0], False, 4, 4, **RULE) == "filtered"  # 0.0 < 0.2
-    assert group_fate([1, 0, 0, 0, 0], False, 4, 4, **RULE) == "kept"   # 0.2: the bounds are inclusive
-    assert group_fate([1, 1, 1, 1, 0], False, 4, 4, **RULE) == "kept"   # 0.8
-
 
 def test_schedule_advances_every_groups_per_step_kept():
     s = LockstepSchedule(groups_per_step=2, eta=0, low=0.2, high=0.8)
@@ -65,7 +51,7 @@ def test_replay_predicts_the_learners_consumption(link, eta, per_batch):
         sent += per_batch
     assert predicted_stale or eta == 2  # the cases with η < 2 exercise the stale drop
 
-    ing = Ingest(srv, max_staleness=eta, filter_low=0.2, filter_high=0.8)
+    ing = Ingest(srv, AdmissionRule(eta=eta), filter_low=0.2, filter_high=0.8)
     consumed: dict[str, int] = {}
     step = 0
     while step < sched.step:  # every step the replay saw completed

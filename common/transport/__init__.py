@@ -31,16 +31,12 @@ Invariants
   otherwise blocks (or reports "no credit"). The learner grants up to ``credit_window``
   groups beyond the last seq ``recv_group`` handed out, topping up as it hands out more
   (a quarter window at a time), so an actor has at most ``credit_window`` groups queued.
-- Admission: an actor may start a group only while ``learner_version - own_version <= eta``
-  (``max_staleness``), using the newest version it has heard of; before it has heard from
-  the learner, and after shutdown, it is not admitted. With a capacity budget
-  (``set_admission``, AReaL's rule; the learner's ``Ingest`` computes it) it may also start
-  only while its groups started stay below ``Credit.admit_total``: the server gives each
-  live generating actor (``Hello.generates``; not the evaluator) an equal share of
-  budget − outstanding, outstanding = started − dropped − taken as reported by heartbeats
-  (``groups_started``/``groups_dropped``) and counted by seq; a changed share is pushed at
-  once. Exact with one actor; with several, heartbeat lag can let them overshoot briefly
-  (the learner's staleness backstop still applies).
+- Admission: the rule is ``common.admission`` (its rules 1 and 5). The client admits a group
+  by the version rule, using the newest version it has heard of (not before it has heard
+  from the learner, nor after shutdown); with a capacity budget (``set_admission``, computed
+  by the learner's ``Ingest``) it also starts groups only while its count stays below
+  ``Credit.admit_total``, the server's share of the budget for it, pushed at once when it
+  changes.
 - Accounting by (actor_id, incarnation, seq): a repeated seq is dropped and counted as a
   duplicate; a jump in seq counts the skipped seqs as lost (one that arrives later is
   delivered and counted as late); a new incarnation of an actor id replaces the old one,

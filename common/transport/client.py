@@ -15,6 +15,7 @@ import uuid
 
 import zmq
 
+from common.admission import version_admitted
 from common.config import TransportConfig
 from common.schema import (
     SCHEMA_VERSION,
@@ -264,10 +265,9 @@ class ActorClient:
             return self._admitted(my_version)
 
     def _admitted(self, my_version: int) -> bool:
-        if (self._shutdown_reason is not None or self._learner_version is None or self._eta is None
-                or self._rejoin_needed):
+        if self._shutdown_reason is not None or self._rejoin_needed:
             return False
-        return self._learner_version - my_version <= self._eta
+        return version_admitted(self._learner_version, my_version, self._eta)
 
     def admit_room(self, started: int) -> int | None:
         """How many more groups may be started by an incarnation that has started

@@ -16,6 +16,7 @@ import zmq
 from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils.monitor import recv_monitor_message
 
+from common.admission import admit_total
 from common.config import TransportConfig
 from common.schema import (
     SCHEMA_VERSION,
@@ -334,12 +335,11 @@ class LearnerServer:
         self._wake.put(("broadcast",))
 
     def set_admission(self, budget: int | None) -> None:
-        """Capacity-based admission (AReaL's rule): ``budget`` = (η + v + 1)·B (η − k with
-        controlled staleness ``actor_lag`` = k, computed by ``Ingest``) − groups the
-        learner has already accepted (consumed or buffered), i.e. how many more groups may
-        be outstanding (started by actors, not yet taken by ``recv_group``). The server
-        shares ``budget − outstanding`` among the live generating actors and sends each its
-        ``Credit.admit_total``; None lifts the bound (the version rule alone). Cheap: call it
+        """Capacity-based admission (``common.admission`` rules 3–5): ``budget`` is how many
+        more groups may be outstanding (started by actors, not yet taken by ``recv_group``),
+        computed by ``Ingest``. The server shares ``budget − outstanding`` among the live
+        generating actors and sends each its ``Credit.admit_total``; None lifts the bound
+        (the version rule alone). Cheap: call it
         whenever the learner has handled the groups it took or advances its version; actors
         whose ``admit_total`` changed are told at once. The groups taken so far are
         snapshotted with the budget: a group taken by ``recv_group`` but not yet counted
@@ -489,22 +489,16 @@ class LearnerServer:
                       key=lambda r: r.actor_id)
 
     def _admit_total(self, rec: Incarnation) -> int | None:
-        """The cumulative number of groups ``rec`` may have started: what it has started
-        (last heartbeat) plus its share of the room, room = budget − Σ outstanding over the
-        generating actors, outstanding = started − dropped − taken (seqs consumed, as of the
-        budget's snapshot). Shares are equal, the remainder to the first actors by id. With
-        one actor this equals budget + dropped + taken, exact whatever the heartbeat lag.
+        """The cumulative number of groups ``rec`` may have started (``common.admission``
+        rule 5; taken = seqs consumed as of the budget's snapshot); None without a budget.
         Caller holds the lock."""
         if self._admission_budget is None or not rec.generates:
             return None
         gens = self._generating()
         if rec not in gens:
             return rec.started
-        # not clamped per actor: a lagging heartbeat (taken > started reported) cancels out
-        outstanding = sum(r.started - r.dropped - r.taken_at_budget for r in gens)
-        room = max(self._admission_budget - outstanding, 0)
-        i = gens.index(rec)
-        return rec.started + room // len(gens) + (1 if i < room % len(gens) else 0)
+        return admit_total(self._admission_budget, [r.started for r in gens], [r.dropped for r in gens],
+                           [r.taken_at_budget for r in gens], gens.index(rec))
 
     def _on_control(self, frames) -> None:
         if len(frames) != 2:

@@ -179,9 +179,9 @@ def main(argv=None) -> dict:
     if world > 1:
         import torch.distributed as dist
 
-        from learner.trainer import _init_dist
+        from learner.distributed import init_dist
 
-        _init_dist()
+        init_dist()
         path = [str(model_dir)]
         dist.broadcast_object_list(path, 0)  # rank 0's local path (single node); not network input
         model_dir = Path(path[0])

@@ -430,6 +430,22 @@ def decode(buf, max_bytes: int = MAX_MESSAGE_BYTES, check_values: bool = True) -
     return env
 
 
+def encode_group(group: TrajectoryGroup) -> bytes:
+    """The one stored form of a group (the learner's rank broadcast, its checkpointed buffer):
+    the wire encoding of an envelope from the learner (incarnation ``"stored"``, seq 0), so
+    a stored group is read back by the same decoder and checks as one that came over the wire."""
+    return encode(make_envelope(group, "learner", "stored", 0), validate=False)
+
+
+def decode_group(buf) -> TrajectoryGroup:
+    """Inverse of ``encode_group`` (also reads what the wire carries): every ``decode`` check,
+    and the body must be a group (else ``ProtocolError("unexpected_kind")``)."""
+    env = decode(buf)
+    if type(env.body) is not TrajectoryGroup:
+        raise ProtocolError("unexpected_kind", f"a stored group holds a {type(env.body).__name__}")
+    return env.body
+
+
 def peek_identity(buf) -> tuple[str, str, int] | None:
     """(actor_id, incarnation, seq) of a message that ``decode`` rejected, if its envelope
     is readable that far (so a receiver can account the seq as received-but-invalid rather

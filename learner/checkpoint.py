@@ -10,8 +10,13 @@ Contract
   ``torch.load(weights_only=True)``: a checkpoint file cannot execute code.
 - ``rng_state()`` / ``set_rng_state()`` capture torch, numpy and Python RNGs in that
   restricted format, so a resumed run draws the same numbers.
-Not covered: what goes into ``state`` (the trainer decides; with FSDP2 it gathers full,
-unsharded state dicts first), per-rank sharded checkpoint files.
+- ``save_model_opt`` / ``load_model_opt``: a model's whole weights and its optimiser state
+  for a checkpoint (FSDP2: collectives, rank 0 gets them), loadable in either mode and at any
+  world size (optimiser state by integer ids from DDP/plain, by parameter names from FSDP2;
+  converted by parameter order). ``groups_lost_since``: what a learner that died had
+  received after its last checkpoint, from its metrics file.
+Not covered: what goes into ``state`` (the trainer decides), per-rank sharded checkpoint
+files.
 """
 
 from __future__ import annotations
@@ -23,6 +28,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from common.jsonl import read_rows
+from learner.distributed import is_sharded
+from learner.models import _full_options, full_state_dict, unwrap
 
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 
@@ -88,3 +97,75 @@ def bytes_to_tensor(b: bytes) -> torch.Tensor:
 
 def tensor_to_bytes(t: torch.Tensor) -> bytes:
     return t.numpy().tobytes()
+
+
+def _opt_names(model: torch.nn.Module, opt: torch.optim.Optimizer) -> list[list[str]]:
+    """Per param group, the fully-qualified names of the optimiser's parameters in order
+    (the keys torch.distributed.checkpoint uses; tied weights under their first name)."""
+    names = {id(p): n for n, p in unwrap(model).named_parameters()}
+    return [[names[id(p)] for p in g["params"]] for g in opt.param_groups]
+
+
+def _opt_ids_to_names(sd: dict, names: list[list[str]]) -> dict:
+    """optimizer.state_dict() (integer ids) -> name-keyed, by position in the groups."""
+    state, groups = {}, []
+    for g, gnames in zip(sd["param_groups"], names):
+        for pid, name in zip(g["params"], gnames):
+            if pid in sd["state"]:
+                state[name] = sd["state"][pid]
+        groups.append({**g, "params": list(gnames)})
+    return {"state": state, "param_groups": groups}
+
+
+def _opt_names_to_ids(sd: dict) -> dict:
+    """Name-keyed optimiser state -> the integer ids optimizer.load_state_dict expects
+    (ids numbered through the groups in order, as optimizer.state_dict() does)."""
+    state, groups, i = {}, [], 0
+    for g in sd["param_groups"]:
+        ids = []
+        for name in g["params"]:
+            if name in sd["state"]:
+                state[i] = sd["state"][name]
+            ids.append(i)
+            i += 1
+        groups.append({**g, "params": ids})
+    return {"state": state, "param_groups": groups}
+
+
+def save_model_opt(model, opt) -> tuple[dict, dict]:
+    """Whole weights and optimiser state (FSDP2: collective; rank 0 gets them)."""
+    if is_sharded(model):
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        return full_state_dict(model), get_optimizer_state_dict(model, opt, options=_full_options())
+    return unwrap(model).state_dict(), opt.state_dict()
+
+
+def load_model_opt(model, opt, weights: dict, opt_state: dict) -> None:
+    """Inverse of ``save_model_opt`` on every rank, accepting either optimiser format."""
+    ids_format = any(isinstance(p, int) for g in opt_state["param_groups"] for p in g["params"])
+    if is_sharded(model):
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                             set_optimizer_state_dict)
+
+        full = StateDictOptions(full_state_dict=True)
+        set_model_state_dict(model, weights, options=full)
+        if ids_format:
+            opt_state = _opt_ids_to_names(opt_state, _opt_names(model, opt))
+        set_optimizer_state_dict(model, opt, opt_state, options=full)
+    else:
+        unwrap(model).load_state_dict(weights)
+        opt.load_state_dict(opt_state if ids_format else _opt_names_to_ids(opt_state))
+
+
+def groups_lost_since(metrics_path: Path, step: int, received_at_step: int) -> tuple[int, int]:
+    """(Groups a learner that died had received after checkpoint ``step`` (``received_at_step``
+    then), the loss it had itself counted in earlier restarts): from its last ``metrics.jsonl``
+    row past that step. Groups received after that row was written cannot be known (at most
+    one step's worth)."""
+    rows = [r for r in read_rows(metrics_path) if r.get("step", 0) > step and "system/groups_received" in r]
+    if not rows:
+        return 0, 0
+    last = rows[-1]
+    return (max(0, int(last["system/groups_received"] or 0) - int(received_at_step)),
+            int(last.get("system/groups_lost_in_restart") or 0))

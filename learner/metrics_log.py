@@ -79,3 +79,41 @@ class MetricsLogger:
             wandb.teardown()
         if self.writer is not None:
             self.writer.close()
+
+
+# actor metrics summed over actors (rates, counters); every other actor/ metric is averaged
+_ACTOR_SUMS = ("actor/tokens_per_s", "actor/groups_sent", "actor/groups_dropped_verifier", "actor/groups_dropped_stop",
+               "actor/prompts_skipped", "actor/weight_updates", "actor/tokens")
+
+
+def actor_metrics(info: dict[str, dict]) -> dict[str, float]:
+    """``actor/*`` metrics of the live actors (``LearnerServer.actor_info()``): totals for
+    rates and counters, means otherwise, plus ``actor/version_lag_max``. The evaluator
+    client (no groups, no actor metrics) contributes nothing."""
+    rows = [r["metrics"] for r in info.values() if r.get("alive") and r.get("metrics")]
+    rows = [r for r in rows if any(k.startswith("actor/") for k in r)]
+    out: dict[str, float] = {}
+    if not rows:
+        return out
+    keys = sorted({k for r in rows for k in r if k.startswith("actor/")})
+    for k in keys:
+        vals = [float(r[k]) for r in rows if k in r]
+        out[k] = sum(vals) if k in _ACTOR_SUMS else sum(vals) / len(vals)
+    lags = [float(r["actor/version_lag"]) for r in rows if "actor/version_lag" in r]
+    if lags:
+        out["actor/version_lag_max"] = max(lags)
+    out["actor/count"] = float(len(rows))
+    return out
+
+
+def weight_sync_metrics(sender, st) -> dict[str, float]:
+    """``system/weight_sync/*`` of one send: bytes, receivers served and failed; for gloo/nccl
+    also the members now and the sender's running counts (joined, dropped, catch-ups)."""
+    out = {"system/weight_sync/bytes": float(st.bytes), "system/weight_sync/receivers": float(st.receivers),
+           "system/weight_sync/failed": float(st.failed)}
+    counts = getattr(sender, "counts", None)
+    if counts is not None:
+        out["system/weight_sync/members"] = float(len(sender.members()))
+        for k in ("joined", "dropped", "catch_ups"):
+            out[f"system/weight_sync/{k}_total"] = float(counts[k])
+    return out

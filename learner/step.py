@@ -39,16 +39,15 @@ weight broadcast, checkpoints (``learner.trainer``).
 
 from __future__ import annotations
 
-import contextlib
 import time
-from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from common.config import PrimeRunConfig
+from learner.distributed import all_gather_rows, all_reduce, dummy_forward, is_sharded, no_sync, pad_count, world
 from learner.logprobs import token_logprobs
+from learner.models import Models, compute_dtype
 from learner.packing import bins, pack_ffd
 from learner.prime import (
     grpo_returns,
@@ -62,62 +61,7 @@ from learner.prime import (
     reinforce_returns,
     rloo_returns,
 )
-from learner.rollout import RolloutBatch, concat
-
-
-@dataclass
-class Models:
-    policy: torch.nn.Module  # DDP-wrapped (world > 1) or FSDP2-sharded, see learner.trainer
-    prm: torch.nn.Module | None  # None when process rewards are off
-    ref: torch.nn.Module | None  # frozen; None when model.ref == "policy_old"
-    policy_opt: torch.optim.Optimizer
-    prm_opt: torch.optim.Optimizer | None
-
-
-def world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def is_sharded(model) -> bool:
-    """True for an FSDP2 (``fully_shard``) module: its forward/backward are collectives."""
-    from torch.distributed.fsdp import FSDPModule
-
-    return isinstance(model, FSDPModule)
-
-
-def compute_dtype(cfg: PrimeRunConfig) -> torch.dtype | None:
-    """The autocast dtype of the learner's forwards: ``model.dtype`` when the masters
-    (``model.master_dtype``) are wider, else None (the parameters are the compute dtype)."""
-    mc = cfg.model
-    return None if mc.dtype == mc.master_dtype else getattr(torch, mc.dtype)
-
-
-def shard_groups(num_groups: int, rank: int, world_size: int) -> list[int]:
-    """Global group indices held by ``rank``: rank, rank+W, ..."""
-    return list(range(rank, num_groups, world_size))
-
-
-def _all_reduce(x: torch.Tensor, op=None) -> torch.Tensor:
-    if world()[1] > 1:
-        dist.all_reduce(x, op=op or dist.ReduceOp.SUM)
-    return x
-
-
-def _all_gather_rows(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate every rank's [b, T_r] (equal b) padded to the widest T, in rank order."""
-    _, W = world()
-    if W == 1:
-        return x
-    width = torch.tensor([x.shape[1]], dtype=torch.long)
-    widths = [torch.zeros_like(width) for _ in range(W)]
-    dist.all_gather(widths, width)
-    T = int(max(w.item() for w in widths))
-    x = torch.nn.functional.pad(x, (0, T - x.shape[1]))
-    out = [torch.empty_like(x) for _ in range(W)]
-    dist.all_gather(out, x.contiguous())
-    return torch.cat(out)
+from learner.rollout import RolloutBatch
 
 
 # π_old from forwards the step runs anyway (the first mini-batch's policy forward; the
@@ -134,38 +78,12 @@ def _micro_batches(batch: RolloutBatch, budget_tokens: int) -> list[list[int]]:
     return bins(pack_ffd(lengths, budget))
 
 
-def _pad_count(model, n: int, at_least: int = 0) -> int:
-    """Dummy micro-batches this rank adds so that every rank runs max(n over ranks,
-    at_least) forwards of an FSDP2 module. A collective for sharded models when world > 1;
-    0 for anything else (DDP and plain modules need no padding)."""
-    if not is_sharded(model):
-        return 0
-    if world()[1] == 1:
-        return max(at_least - n, 0)
-    t = torch.tensor([n], dtype=torch.long)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return max(int(t), at_least) - n
-
-
-def _dummy_logits_sum(model, like: torch.Tensor) -> torch.Tensor:
-    """A real forward of one token (id 0) through ``model``: it runs the same collectives
-    as any micro-batch. Callers multiply the result by 0."""
-    ids = torch.zeros(1, 1, dtype=torch.long, device=like.device)
-    return model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits.float().sum()  # FSDP2 only: no autocast
-
-
 def _clock(like: torch.Tensor) -> float:
     """time.perf_counter() after the device holding ``like`` has finished its queued work
     (CUDA kernels run asynchronously; without the sync a phase's time spills into the next)."""
     if like.is_cuda:
         torch.cuda.synchronize(like.device)
     return time.perf_counter()
-
-
-def _no_sync(model, last: bool):
-    if hasattr(model, "no_sync") and not last:
-        return model.no_sync()
-    return contextlib.nullcontext()
 
 
 @torch.no_grad()
@@ -175,13 +93,13 @@ def batch_logprobs(model, batch: RolloutBatch, temperature: float, budget_tokens
     to ``compute_dtype`` (see ``learner.logprobs.compute_context``)."""
     out = torch.zeros_like(batch.mask)
     mbs = _micro_batches(batch, budget_tokens)
-    pad = _pad_count(model, len(mbs))  # FSDP2: match the other ranks' forwards
+    pad = pad_count(model, len(mbs))  # FSDP2: match the other ranks' forwards
     for rows in mbs:
         sub = batch.take(rows)
         lp = token_logprobs(model, sub.input_ids, sub.attention_mask, temperature, compute_dtype)
         out[rows, : lp.shape[1]] = lp
     for _ in range(pad):
-        _dummy_logits_sum(model, batch.input_ids)
+        dummy_forward(model, batch.input_ids)
     return out
 
 
@@ -218,18 +136,18 @@ def _train_minibatch(model, opt, sub: RolloutBatch, loss_fn, normalizer, grad_cl
     mbs = _micro_batches(sub, budget)
     # FSDP2: every rank runs the same number of forward/backward pairs (at least one, so
     # gradients exist like DDP's zero-gradient backward below); pads contribute exactly 0
-    pad = _pad_count(model, len(mbs), at_least=1)
+    pad = pad_count(model, len(mbs), at_least=1)
     total = 0.0
     extras = []
     for i, rows in enumerate(mbs):
         micro = sub.take(rows)
-        with _no_sync(model, last=i == len(mbs) - 1):
+        with no_sync(model, last=i == len(mbs) - 1):
             loss, extra = loss_fn(model, micro, rows, normalizer)
             (loss * W).backward()
         total += float(loss.detach())
         extras.append((rows, extra))
     for _ in range(pad):
-        (_dummy_logits_sum(model, sub.input_ids) * 0.0 * W).backward()
+        (dummy_forward(model, sub.input_ids) * 0.0 * W).backward()
     if not mbs and not is_sharded(model):  # an empty share still joins DDP's all-reduce
         (sum(p.sum() * 0 for p in model.parameters()) * W).backward()
     gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
@@ -295,13 +213,13 @@ def prime_step(models: Models, batch: RolloutBatch, cfg: PrimeRunConfig, policy_
         if pc.prm_update in ("before", "none"):
             q = implicit_process_rewards(batch_logprobs(models.prm, batch, 1.0, budget, cdt), ref_lp, mask)
         if prm_losses:
-            m["loss/prm_ce"] = float(_all_reduce(torch.tensor(sum(prm_losses) / len(prm_losses))) )
+            m["loss/prm_ce"] = float(all_reduce(torch.tensor(sum(prm_losses) / len(prm_losses))) )
     t_prm = _clock(batch.mask)
 
     # ------------------------------------------------------- returns and advantages
-    mask_all = _all_gather_rows(mask)
-    outcome_all = _all_gather_rows(batch.outcome[:, None])[:, 0]
-    q_all = _all_gather_rows(q) if q is not None else None
+    mask_all = all_gather_rows(mask)
+    outcome_all = all_gather_rows(batch.outcome[:, None])[:, 0]
+    q_all = all_gather_rows(q) if q is not None else None
     if q_all is not None:
         q_all = q_all[:, : mask_all.shape[1]]
     kw = dict(prime_norm=pc.prime_norm, gamma=pc.gamma, process_credit=pc.process_credit, process_gamma=pc.process_gamma)
@@ -336,8 +254,8 @@ def prime_step(models: Models, batch: RolloutBatch, cfg: PrimeRunConfig, policy_
             old_lp[rest, : sub.mask.shape[1]] = batch_logprobs(models.policy, sub, temp, budget, cdt)
         else:  # FSDP2: this rank's forward count still matches the other ranks'
             with torch.no_grad():
-                for _ in range(_pad_count(models.policy, 0)):
-                    _dummy_logits_sum(models.policy, batch.input_ids)
+                for _ in range(pad_count(models.policy, 0)):
+                    dummy_forward(models.policy, batch.input_ids)
     t_old = _clock(batch.mask)
 
     # ---------------------------------------------------- reference log-probs (KL)
@@ -374,7 +292,7 @@ def prime_step(models: Models, batch: RolloutBatch, cfg: PrimeRunConfig, policy_
     for epoch in range(cfg.batch.ppo_epochs):
         for j, rows in enumerate(mini):
             sub = batch.take(rows)
-            n_tok = _all_reduce(sub.mask.sum().clone())
+            n_tok = all_reduce(sub.mask.sum().clone())
             at_old = first_from_policy and epoch == 0 and j == 0
             loss, gn, extras = _train_minibatch(
                 models.policy, models.policy_opt, sub,
@@ -403,7 +321,7 @@ def prime_step(models: Models, batch: RolloutBatch, cfg: PrimeRunConfig, policy_
         stats[5] += n
     stats[6] = tok
     stats[7] = float(batch.outcome.sum())
-    _all_reduce(stats)
+    all_reduce(stats)
     n_pm = max(float(stats[5]), 1.0)
     nb = max(len(pol_losses), 1)
     m["loss/policy"] = float(stats[0]) / nb
@@ -427,7 +345,7 @@ def prime_step(models: Models, batch: RolloutBatch, cfg: PrimeRunConfig, policy_
         m["reward/process_mean"] = float(seq.mean())
         label = outcome_all > 0.5
         m["prm/accuracy"] = float(((seq > 0) == label).float().mean())
-    lag_all = _all_gather_rows(torch.where(mask > 0, policy_version - batch.token_version, -1).float())
+    lag_all = all_gather_rows(torch.where(mask > 0, policy_version - batch.token_version, -1).float())
     lags = lag_all[lag_all >= 0]
     if lags.numel():
         m["system/version_lag_min"], m["system/version_lag_mean"], m["system/version_lag_max"] = (
@@ -439,4 +357,4 @@ def prime_step(models: Models, batch: RolloutBatch, cfg: PrimeRunConfig, policy_
     return m
 
 
-__all__ = ["Models", "prime_step", "shard_groups", "batch_logprobs", "compute_dtype", "concat", "is_sharded"]
+__all__ = ["prime_step", "batch_logprobs", "optimizer_steps", "warmup_lr"]

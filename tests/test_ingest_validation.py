@@ -145,7 +145,7 @@ def test_groups_the_dead_learner_received_after_its_checkpoint_are_counted_lost(
     """A learner resumed from the checkpoint of step 4 (10 groups received by then) reads the
     dead learner's last metrics row past step 4: 25 received in all, 3 lost in an earlier
     restart -> 15 more lost now. Rows of steps up to 4 do not count."""
-    from learner.trainer import groups_lost_since
+    from learner.checkpoint import groups_lost_since
 
     path = tmp_path / "metrics.jsonl"
     rows = [{"step": 3, "system/groups_received": 8.0}, {"step": 4, "system/groups_received": 10.0},

@@ -32,7 +32,7 @@ def _cfg(tmp_path, *extra):
 
 
 def _params(learner):
-    from learner.trainer import unwrap
+    from learner.models import unwrap
 
     return torch.cat([p.detach().flatten() for p in unwrap(learner.models.policy).parameters()])
 
@@ -137,7 +137,7 @@ def _full_params(learner):
     """The policy's whole parameters (FSDP2 shards gathered: call on every rank)."""
     from torch.distributed.tensor import DTensor
 
-    from learner.trainer import unwrap
+    from learner.models import unwrap
 
     return torch.cat([(p.full_tensor() if isinstance(p, DTensor) else p).detach().flatten()
                       for p in unwrap(learner.models.policy).parameters()])
@@ -147,7 +147,8 @@ def _fsdp_resume_rank(rank, world, port, tmp_path, extra):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    from learner.trainer import Learner, close_dist
+    from learner.distributed import close_dist
+    from learner.trainer import Learner
 
     tmp_path = Path(tmp_path)
     data = [make_groups(4, seed=10 + i) for i in range(4)]

@@ -19,8 +19,10 @@ from synthetic import make_groups, tiny_qwen2  # noqa: E402
 
 from common.config import load_config  # noqa: E402
 from learner.rollout import build_batch  # noqa: E402
-from learner.step import Models, prime_step, shard_groups  # noqa: E402
-from learner.trainer import close_dist  # noqa: E402
+from learner.distributed import shard_groups  # noqa: E402
+from learner.models import Models  # noqa: E402
+from learner.step import prime_step  # noqa: E402
+from learner.distributed import close_dist  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = [
@@ -175,7 +177,7 @@ def _rank_main(rank, world, port, overrides, out_dir, parallel="ddp", kind="even
         torch.use_deterministic_algorithms(True)
         from torch.distributed.device_mesh import init_device_mesh
 
-        from learner.trainer import apply_fsdp2
+        from learner.models import apply_fsdp2
 
         mesh = init_device_mesh("cpu", (world,))
         models = make_models(cfg, wrap=lambda m: apply_fsdp2(m, mesh))

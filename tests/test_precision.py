@@ -50,7 +50,7 @@ class _Capture:
 
 
 def _named(model):
-    from learner.trainer import unwrap
+    from learner.models import unwrap
 
     return {n: p.detach().clone() for n, p in unwrap(model).named_parameters()}
 
@@ -86,7 +86,8 @@ def test_token_logprobs_autocast_computes_in_bf16_returns_fp32():
 
 
 def test_fp32_masters_move_at_paper_lr_where_bf16_params_do_not(tmp_path):
-    from learner.trainer import Learner, unwrap
+    from learner.models import unwrap
+    from learner.trainer import Learner
 
     learner = Learner(_cfg(tmp_path))
     m = learner.models
@@ -120,7 +121,8 @@ def test_fp32_masters_move_at_paper_lr_where_bf16_params_do_not(tmp_path):
 
 
 def test_published_weights_are_masters_rounded_to_bf16(tmp_path):
-    from learner.trainer import Learner, unwrap
+    from learner.models import unwrap
+    from learner.trainer import Learner
 
     sender = _Capture()
     learner = Learner(_cfg(tmp_path), sender=sender)
@@ -183,7 +185,8 @@ def _fsdp_rank(rank, world, port, tmp_path):
     torch.set_num_threads(1)
     from torch.distributed.tensor import DTensor
 
-    from learner.trainer import Learner, close_dist
+    from learner.distributed import close_dist
+    from learner.trainer import Learner
 
     sender = _Capture()
     learner = Learner(_cfg(tmp_path, "model.parallel=fsdp2", "optim.policy.lr=5e-7"), sender=sender)

@@ -28,7 +28,9 @@ from common.schema import (
     TrajectoryGroup,
     check_logprobs,
     decode,
+    decode_group,
     encode,
+    encode_group,
     encode_into,
     make_envelope,
     peek_identity,
@@ -106,6 +108,21 @@ def test_every_message_round_trips_exactly(body):
             assert np.array_equal(a.to_numpy(), b.to_numpy())
         # a second trip through the decoded object gives the same bytes
         assert encode(back) == raw
+
+
+def test_a_stored_group_round_trips_and_is_checked_like_a_received_one():
+    g = make_group(lengths=(5, 7, 3), seed=4)
+    back = decode_group(encode_group(g))
+    assert back == g and back.responses[1].behav_logp.to_numpy().tolist() == g.responses[1].behav_logp.to_numpy().tolist()
+    assert decode_group(encode(env_of(g))) == g       # the wire form reads as well
+    with pytest.raises(ProtocolError) as e:
+        decode_group(encode(env_of(Ack(seq=1))))
+    assert e.value.reason == "unexpected_kind"
+    bad = wire(make_envelope(g, "learner", "stored", 0))
+    bad["body"]["responses"][0]["behav_logp"]["data"] = np.float32([0.5] * 5).tobytes()  # a positive log-prob
+    with pytest.raises(ProtocolError) as e:
+        decode_group(msgspec.msgpack.encode(bad))
+    assert e.value.reason == "positive_logp"
 
 
 def test_arrays_travel_as_raw_bytes_not_int_lists():

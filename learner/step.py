@@ -24,10 +24,12 @@ Contract
   Gradient clipping uses ``clip_grad_norm_``, which reduces DTensor (sharded) gradients
   across ranks, so the clipped norm is the global one in both modes.
 - Every rank must hold the same number of groups (so the same number of mini-batches).
-- Order (paper §3-§5): reference forward -> PRM forward + cross-entropy update
-  (``prm_update``: after | before | none) -> process rewards -> returns/advantages ->
-  π_old recomputed when ``loss.correction`` is not ``none`` -> policy mini-batch updates
-  with gradient clipping. The caller bumps ``policy_version`` and broadcasts weights.
+- Order (paper §3-§5), one function per phase: ``prm_phase`` (reference forward, PRM
+  forward + cross-entropy update, ``prm_update``: after | before | none, process rewards)
+  -> ``advantage_phase`` (returns, whitening) -> ``old_logp_phase`` (π_old, recomputed when
+  ``loss.correction`` is not ``none``) -> ``reference_logp_phase`` (the KL's log π_ref) ->
+  ``policy_phase`` (mini-batch updates with gradient clipping, sums in ``PolicyStats``) ->
+  ``step_metrics``. The caller bumps ``policy_version`` and broadcasts weights.
 - Precision (``compute_dtype``): with ``model.dtype`` bfloat16/float16 and float32
   ``model.master_dtype``, the trainable models hold fp32 parameters (masters), gradients and
   optimiser state; plain/DDP forwards run under ``torch.autocast(dtype)``, FSDP2 modules
@@ -40,6 +42,7 @@ weight broadcast, checkpoints (``learner.trainer``).
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 
 import torch
 from torch.distributed.tensor import DTensor
@@ -157,66 +160,161 @@ def _train_minibatch(model, opt, sub: RolloutBatch, loss_fn, normalizer, grad_cl
     return total, float(gnorm), extras
 
 
+@dataclass(frozen=True)
+class _Ctx:
+    """What every phase of one step reads."""
+
+    cfg: PrimeRunConfig
+    K: int                       # responses per group
+    temp: float                  # sampling temperature (the policy's forwards)
+    budget: int                  # micro-batch token budget
+    cdt: torch.dtype | None      # autocast dtype (compute_dtype)
+    rank: int
+    W: int                       # world size
+    use_prm: bool
+
+    def per_rank_groups(self, responses: int) -> int:
+        """Groups of a mini-batch of ``responses`` responses that this rank trains on."""
+        g = responses // self.K
+        if g % self.W:
+            raise ValueError(f"mini-batch of {g} groups does not split over {self.W} ranks")
+        return g // self.W
+
+    def rows_of(self, groups) -> list[int]:
+        return [g * self.K + k for g in groups for k in range(self.K)]
+
+
+@dataclass
+class PrmOut:
+    ref_lp: torch.Tensor | None      # [B, T] log π_ref at temperature 1 (None without the PRM)
+    q: torch.Tensor | None           # [B, T] implicit process rewards (None without the PRM)
+    ce_loss: float | None = None     # mean PRM cross-entropy over its mini-batches, all ranks
+
+
+@dataclass
+class Advantages:
+    adv: torch.Tensor                # [B, T] this rank's whitened advantages
+    adv_all: torch.Tensor            # [B·W, T*] every rank's rows
+    returns: torch.Tensor            # [B·W, T*] before whitening
+    mask_all: torch.Tensor           # [B·W, T*]
+    outcome_all: torch.Tensor        # [B·W]
+    q_all: torch.Tensor | None       # [B·W, T*]
+
+
+@dataclass
+class PolicyStats:
+    """The policy phase's sums over this rank's micro-batches: the ``loss/*`` metrics
+    weighted by the micro-batch's tokens (``weight``), the losses and grad norms per
+    mini-batch. ``SUMMED`` fields are all-reduced across ranks together (``reduce``)."""
+
+    SUMMED = ("loss_sum", "clip_frac", "is_weight_mean", "mismatch_kl", "is_masked_frac", "weight", "tokens",
+              "outcome_sum", "is_capped_frac", "kl_k1", "kl_k3", "entropy")
+    loss_sum: float = 0.0
+    clip_frac: float = 0.0
+    is_weight_mean: float = 0.0
+    mismatch_kl: float = 0.0
+    is_masked_frac: float = 0.0
+    weight: float = 0.0            # tokens behind the weighted sums [tokens]
+    tokens: float = 0.0            # this rank's response tokens [tokens]
+    outcome_sum: float = 0.0
+    is_capped_frac: float = 0.0
+    kl_k1: float = 0.0
+    kl_k3: float = 0.0
+    entropy: float = 0.0
+    minibatches: int = 0
+    grad_norms: list = field(default_factory=list)
+
+    def add(self, met: dict, n: float) -> None:
+        """One micro-batch's ``policy_loss`` metrics, ``n`` tokens."""
+        self.clip_frac += float(met["clip_frac"]) * n
+        self.is_weight_mean += float(met["is_weight_mean"]) * n
+        self.mismatch_kl += float(met["mismatch_kl"]) * n
+        self.is_masked_frac += float(met["is_masked_frac"]) * n
+        self.is_capped_frac += float(met.get("is_capped_frac", 0.0)) * n
+        self.kl_k1 += float(met.get("kl_k1", 0.0)) * n
+        self.kl_k3 += float(met.get("kl_k3", 0.0)) * n
+        self.entropy += float(met["entropy"]) * n
+        self.weight += n
+
+    def reduce(self) -> "PolicyStats":
+        """The ``SUMMED`` fields summed over ranks (one float64 all-reduce), in place."""
+        t = torch.tensor([getattr(self, f) for f in self.SUMMED], dtype=torch.float64)
+        all_reduce(t)
+        for f, v in zip(self.SUMMED, t.tolist()):
+            setattr(self, f, v)
+        return self
+
+
 def prime_step(models: Models, batch: RolloutBatch, cfg: PrimeRunConfig, policy_version: int) -> dict[str, float]:
     """Run one PRIME step on this rank's share ``batch``; returns metrics (global where
-    they are reduced, i.e. identical on every rank)."""
+    they are reduced, i.e. identical on every rank). The phases, in the paper's order:
+    PRM (reference forward, PRM update, process rewards) -> advantages -> π_old ->
+    reference log-probs for the KL -> policy update -> metrics."""
     rank, W = world()
+    ctx = _Ctx(cfg, batch.group_size, cfg.generation.temperature, cfg.batch.micro_batch_tokens,
+               compute_dtype(cfg), rank, W, cfg.prime.use_process_rewards and models.prm is not None)
     t0 = _clock(batch.mask)
-    K = batch.group_size
-    temp = cfg.generation.temperature
-    budget = cfg.batch.micro_batch_tokens
-    pc = cfg.prime
-    mask = batch.mask
-    G_local = batch.num_groups
-    cdt = compute_dtype(cfg)
-    m: dict[str, float] = {}
-
-    def per_rank_groups(responses: int) -> int:
-        g = responses // K
-        if g % W:
-            raise ValueError(f"mini-batch of {g} groups does not split over {W} ranks")
-        return g // W
-
-    # ---------------------------------------------------------------- PRM and rewards
-    use_prm = pc.use_process_rewards and models.prm is not None
-    q = None
-    if use_prm:
-        if models.ref is not None:
-            ref_lp = batch_logprobs(models.ref, batch, 1.0, budget, cdt)
-        else:  # ref = π_old at temperature 1
-            ref_lp = batch_logprobs(models.policy, batch, 1.0, budget, cdt)
-        q = torch.zeros_like(mask)
-        prm_losses = []
-
-        def prm_loss(model, micro, rows, normalizer, sub_ref):
-            lp = token_logprobs(model, micro.input_ids, micro.attention_mask, 1.0, cdt)
-            r = sub_ref[rows][:, : lp.shape[1]]
-            loss = prm_ce_loss(lp, r, micro.mask, micro.outcome, pc.beta, normalizer=normalizer)
-            return loss, implicit_process_rewards(lp.detach(), r, micro.mask)
-
-        if pc.prm_update in ("after", "before"):
-            gl = per_rank_groups(cfg.batch.prm_mini_batch)
-            for groups in _mini_batches(G_local, gl):
-                rows = [g * K + k for g in groups for k in range(K)]
-                sub = batch.take(rows)
-                sub_ref = ref_lp[rows][:, : sub.mask.shape[1]]
-                loss, _, extras = _train_minibatch(
-                    models.prm, models.prm_opt, sub,
-                    lambda mo, mi, r, n: prm_loss(mo, mi, r, n, sub_ref),
-                    normalizer=float(cfg.batch.prm_mini_batch), grad_clip=cfg.optim.prm.grad_clip,
-                    budget=budget, W=W, ocfg=cfg.optim.prm,
-                )
-                prm_losses.append(loss)
-                for mrows, qq in extras:  # "after": rewards from the forward that trained
-                    idx = torch.as_tensor(rows)[mrows]
-                    q[idx, : qq.shape[1]] = qq
-        if pc.prm_update in ("before", "none"):
-            q = implicit_process_rewards(batch_logprobs(models.prm, batch, 1.0, budget, cdt), ref_lp, mask)
-        if prm_losses:
-            m["loss/prm_ce"] = float(all_reduce(torch.tensor(sum(prm_losses) / len(prm_losses))) )
+    prm = prm_phase(models, batch, ctx)
     t_prm = _clock(batch.mask)
+    adv = advantage_phase(batch, prm.q, ctx)
+    gl = ctx.per_rank_groups(cfg.batch.policy_mini_batch)
+    mini = [torch.as_tensor(ctx.rows_of(groups)) for groups in _mini_batches(batch.num_groups, gl)]
+    old_lp, first_from_policy = old_logp_phase(models, batch, prm, mini, ctx)
+    t_old = _clock(batch.mask)
+    ref_pol_lp = reference_logp_phase(models, batch, prm, ctx)
+    stats = policy_phase(models, batch, adv.adv, old_lp, ref_pol_lp, mini, first_from_policy, ctx)
+    t_pol = _clock(batch.mask)
+    m = step_metrics(models, batch, prm, adv, stats, ref_pol_lp is not None, policy_version, ctx)
+    m["time/prm_s"] = t_prm - t0
+    m["time/old_logp_s"] = t_old - t_prm
+    m["time/policy_s"] = t_pol - t_old
+    return m
 
-    # ------------------------------------------------------- returns and advantages
+
+def prm_phase(models: Models, batch: RolloutBatch, ctx: _Ctx) -> PrmOut:
+    """The reference forward, the PRM's cross-entropy update (``prime.prm_update``: after |
+    before | none) and the implicit process rewards q (Eq. 3): with ``after`` they come from
+    the forwards that trained the PRM, otherwise from a forward of the (updated) PRM."""
+    if not ctx.use_prm:
+        return PrmOut(None, None)
+    cfg, pc, budget, cdt = ctx.cfg, ctx.cfg.prime, ctx.budget, ctx.cdt
+    ref_model = models.ref if models.ref is not None else models.policy  # ref = π_old at temperature 1
+    ref_lp = batch_logprobs(ref_model, batch, 1.0, budget, cdt)
+    q = torch.zeros_like(batch.mask)
+    prm_losses = []
+
+    def prm_loss(model, micro, rows, normalizer, sub_ref):
+        lp = token_logprobs(model, micro.input_ids, micro.attention_mask, 1.0, cdt)
+        r = sub_ref[rows][:, : lp.shape[1]]
+        loss = prm_ce_loss(lp, r, micro.mask, micro.outcome, pc.beta, normalizer=normalizer)
+        return loss, implicit_process_rewards(lp.detach(), r, micro.mask)
+
+    if pc.prm_update in ("after", "before"):
+        for groups in _mini_batches(batch.num_groups, ctx.per_rank_groups(cfg.batch.prm_mini_batch)):
+            rows = ctx.rows_of(groups)
+            sub = batch.take(rows)
+            sub_ref = ref_lp[rows][:, : sub.mask.shape[1]]
+            loss, _, extras = _train_minibatch(
+                models.prm, models.prm_opt, sub,
+                lambda mo, mi, r, n: prm_loss(mo, mi, r, n, sub_ref),
+                normalizer=float(cfg.batch.prm_mini_batch), grad_clip=cfg.optim.prm.grad_clip,
+                budget=budget, W=ctx.W, ocfg=cfg.optim.prm,
+            )
+            prm_losses.append(loss)
+            for mrows, qq in extras:  # "after": rewards from the forward that trained
+                idx = torch.as_tensor(rows)[mrows]
+                q[idx, : qq.shape[1]] = qq
+    if pc.prm_update in ("before", "none"):
+        q = implicit_process_rewards(batch_logprobs(models.prm, batch, 1.0, budget, cdt), ref_lp, batch.mask)
+    ce = float(all_reduce(torch.tensor(sum(prm_losses) / len(prm_losses)))) if prm_losses else None
+    return PrmOut(ref_lp, q, ce)
+
+
+def advantage_phase(batch: RolloutBatch, q: torch.Tensor | None, ctx: _Ctx) -> Advantages:
+    """Returns of the configured estimator (``prime.advantage``) over the whole batch (every
+    rank's rows, gathered: the statistics are batch-level), whitened; this rank keeps its rows."""
+    pc = ctx.cfg.prime
+    mask = batch.mask
     mask_all = all_gather_rows(mask)
     outcome_all = all_gather_rows(batch.outcome[:, None])[:, 0]
     q_all = all_gather_rows(q) if q is not None else None
@@ -224,51 +322,65 @@ def prime_step(models: Models, batch: RolloutBatch, cfg: PrimeRunConfig, policy_
         q_all = q_all[:, : mask_all.shape[1]]
     kw = dict(prime_norm=pc.prime_norm, gamma=pc.gamma, process_credit=pc.process_credit, process_gamma=pc.process_gamma)
     if pc.advantage == "rloo":
-        returns = rloo_returns(q_all, outcome_all, mask_all, K, process_baseline=pc.process_baseline, **kw)
+        returns = rloo_returns(q_all, outcome_all, mask_all, ctx.K, process_baseline=pc.process_baseline, **kw)
     elif pc.advantage == "grpo":
-        returns = grpo_returns(q_all, outcome_all, mask_all, K, **kw)
+        returns = grpo_returns(q_all, outcome_all, mask_all, ctx.K, **kw)
     else:
         returns = reinforce_returns(q_all, outcome_all, mask_all, **kw)
     adv_all = masked_whiten(returns, mask_all) * mask_all
     B_local = batch.num_rows
-    adv = adv_all[rank * B_local : (rank + 1) * B_local][:, : mask.shape[1]]
+    adv = adv_all[ctx.rank * B_local : (ctx.rank + 1) * B_local][:, : mask.shape[1]]
+    return Advantages(adv, adv_all, returns, mask_all, outcome_all, q_all)
 
-    # ------------------------------------------------------------------- π_old
-    # Every correction but none weighs by π_old/μ, so π_old is recomputed, except where a
-    # forward already gives it: the first mini-batch's policy forward runs at θ = π_old (its
-    # rows are filled from that forward in pol_loss), and with model.ref=policy_old at
-    # temperature 1 the reference forward above was π_old itself.
-    gl = per_rank_groups(cfg.batch.policy_mini_batch)
-    mini = [torch.as_tensor([g * K + k for g in groups for k in range(K)]) for groups in _mini_batches(G_local, gl)]
-    first_from_policy = cfg.loss.correction != "none" and REUSE_FORWARDS
-    if cfg.loss.correction == "none":
-        old_lp = batch.behav_logp
-    elif use_prm and models.ref is None and temp == 1.0 and REUSE_FORWARDS:
-        old_lp, first_from_policy = ref_lp, False
-    else:
-        old_lp = torch.zeros_like(mask)
-        rest = (torch.cat(mini[1:]) if len(mini) > 1 else torch.zeros(0, dtype=torch.long)) if first_from_policy \
-            else torch.arange(batch.num_rows)
-        if len(rest):
-            sub = batch.take(rest)
-            old_lp[rest, : sub.mask.shape[1]] = batch_logprobs(models.policy, sub, temp, budget, cdt)
-        else:  # FSDP2: this rank's forward count still matches the other ranks'
-            with torch.no_grad():
-                for _ in range(pad_count(models.policy, 0)):
-                    dummy_forward(models.policy, batch.input_ids)
-    t_old = _clock(batch.mask)
 
-    # ---------------------------------------------------- reference log-probs (KL)
-    lc = cfg.loss
-    ref_pol_lp = None  # log π_ref at the sampling temperature: the KL penalty and its metrics
-    if models.ref is not None:
-        ref_pol_lp = ref_lp if (use_prm and temp == 1.0) else batch_logprobs(models.ref, batch, temp, budget, cdt)
+def old_logp_phase(models: Models, batch: RolloutBatch, prm: PrmOut, mini: list[torch.Tensor],
+                   ctx: _Ctx) -> tuple[torch.Tensor, bool]:
+    """π_old [B, T] and whether the first mini-batch's policy forward fills its rows.
 
-    # ----------------------------------------------------------------- policy update
-    pol_losses, gnorms, pm = [], [], []
+    Every correction but none weighs by π_old/μ, so π_old is recomputed, except where a
+    forward already gives it: the first mini-batch's policy forward runs at θ = π_old (its
+    rows are filled from that forward in the policy phase), and with model.ref=policy_old at
+    temperature 1 the reference forward of the PRM phase was π_old itself."""
+    correction = ctx.cfg.loss.correction
+    first_from_policy = correction != "none" and REUSE_FORWARDS
+    if correction == "none":
+        return batch.behav_logp, first_from_policy
+    if ctx.use_prm and models.ref is None and ctx.temp == 1.0 and REUSE_FORWARDS:
+        return prm.ref_lp, False
+    old_lp = torch.zeros_like(batch.mask)
+    rest = (torch.cat(mini[1:]) if len(mini) > 1 else torch.zeros(0, dtype=torch.long)) if first_from_policy \
+        else torch.arange(batch.num_rows)
+    if len(rest):
+        sub = batch.take(rest)
+        old_lp[rest, : sub.mask.shape[1]] = batch_logprobs(models.policy, sub, ctx.temp, ctx.budget, ctx.cdt)
+    else:  # FSDP2: this rank's forward count still matches the other ranks'
+        with torch.no_grad():
+            for _ in range(pad_count(models.policy, 0)):
+                dummy_forward(models.policy, batch.input_ids)
+    return old_lp, first_from_policy
+
+
+def reference_logp_phase(models: Models, batch: RolloutBatch, prm: PrmOut, ctx: _Ctx) -> torch.Tensor | None:
+    """log π_ref at the sampling temperature [B, T] (the KL penalty and its metrics), reusing
+    the PRM phase's reference forward at temperature 1; None without a reference model."""
+    if models.ref is None:
+        return None
+    if ctx.use_prm and ctx.temp == 1.0:
+        return prm.ref_lp
+    return batch_logprobs(models.ref, batch, ctx.temp, ctx.budget, ctx.cdt)
+
+
+def policy_phase(models: Models, batch: RolloutBatch, adv: torch.Tensor, old_lp: torch.Tensor,
+                 ref_pol_lp: torch.Tensor | None, mini: list[torch.Tensor], first_from_policy: bool,
+                 ctx: _Ctx) -> PolicyStats:
+    """``batch.ppo_epochs`` passes of importance-corrected PPO (``loss.*``) over the
+    mini-batches ``mini`` (row indices), each one optimiser step with gradient clipping;
+    fills ``old_lp``'s rows from the first forward when ``first_from_policy``."""
+    cfg, lc, temp = ctx.cfg, ctx.cfg.loss, ctx.temp
+    stats = PolicyStats()
 
     def pol_loss(model, micro, rows, normalizer, sub_idx, at_old):
-        lp, ent = token_logprobs(model, micro.input_ids, micro.attention_mask, temp, cdt, with_entropy=True,
+        lp, ent = token_logprobs(model, micro.input_ids, micro.attention_mask, temp, ctx.cdt, with_entropy=True,
                                  entropy_grad=lc.entropy_coef > 0)
         T = lp.shape[1]
         idx = sub_idx[rows]
@@ -289,6 +401,7 @@ def prime_step(models: Models, batch: RolloutBatch, cfg: PrimeRunConfig, policy_
         loss = regularised_loss(loss, kl, ent, micro.mask, lc.kl_coef, lc.entropy_coef, normalizer=normalizer)
         return loss, (met, float(micro.mask.sum()))
 
+    losses, per_micro = [], []
     for epoch in range(cfg.batch.ppo_epochs):
         for j, rows in enumerate(mini):
             sub = batch.take(rows)
@@ -297,64 +410,59 @@ def prime_step(models: Models, batch: RolloutBatch, cfg: PrimeRunConfig, policy_
             loss, gn, extras = _train_minibatch(
                 models.policy, models.policy_opt, sub,
                 lambda mo, mi, r, n, rows=rows, at_old=at_old: pol_loss(mo, mi, r, n, rows, at_old),
-                normalizer=float(n_tok), grad_clip=cfg.optim.policy.grad_clip, budget=budget, W=W,
+                normalizer=float(n_tok), grad_clip=cfg.optim.policy.grad_clip, budget=ctx.budget, W=ctx.W,
                 ocfg=cfg.optim.policy,
             )
-            pol_losses.append(loss)
-            gnorms.append(gn)
-            pm.extend(e for _, e in extras)
-    t_pol = _clock(batch.mask)
+            losses.append(loss)
+            stats.grad_norms.append(gn)
+            per_micro.extend(e for _, e in extras)
+    stats.loss_sum = sum(losses)
+    stats.minibatches = len(losses)
+    for met, n in per_micro:  # token-weighted sums of the policy-loss metrics
+        stats.add(met, n)
+    stats.tokens = float(batch.mask.sum())
+    stats.outcome_sum = float(batch.outcome.sum())
+    return stats
 
-    # ------------------------------------------------------------------- metrics
-    tok = float(mask.sum())
-    stats = torch.zeros(12, dtype=torch.float64)
-    stats[0] = sum(pol_losses)
-    for met, n in pm:  # token-weighted sums of the policy-loss metrics
-        stats[1] += float(met["clip_frac"]) * n
-        stats[2] += float(met["is_weight_mean"]) * n
-        stats[3] += float(met["mismatch_kl"]) * n
-        stats[4] += float(met["is_masked_frac"]) * n
-        stats[8] += float(met.get("is_capped_frac", 0.0)) * n
-        stats[9] += float(met.get("kl_k1", 0.0)) * n
-        stats[10] += float(met.get("kl_k3", 0.0)) * n
-        stats[11] += float(met["entropy"]) * n
-        stats[5] += n
-    stats[6] = tok
-    stats[7] = float(batch.outcome.sum())
-    all_reduce(stats)
-    n_pm = max(float(stats[5]), 1.0)
-    nb = max(len(pol_losses), 1)
-    m["loss/policy"] = float(stats[0]) / nb
-    m["loss/clip_frac"] = float(stats[1]) / n_pm
-    m["loss/is_weight_mean"] = float(stats[2]) / n_pm
-    m["loss/mismatch_kl"] = float(stats[3]) / n_pm
-    m["loss/is_masked_frac"] = float(stats[4]) / n_pm
-    m["loss/is_capped_frac"] = float(stats[8]) / n_pm
-    m["loss/grad_norm"] = sum(gnorms) / max(len(gnorms), 1)
-    m["loss/entropy"] = float(stats[11]) / n_pm
-    if ref_pol_lp is not None:
-        m["loss/kl_k1"], m["loss/kl_k3"] = float(stats[9]) / n_pm, float(stats[10]) / n_pm
+
+def step_metrics(models: Models, batch: RolloutBatch, prm: PrmOut, adv: Advantages, stats: PolicyStats,
+                 with_kl: bool, policy_version: int, ctx: _Ctx) -> dict[str, float]:
+    """The step's ``loss/``, ``optim/``, ``reward/``, ``prm/`` and ``system/`` metrics, global
+    (reduced or gathered over ranks). Collective: every rank calls it."""
+    m: dict[str, float] = {}
+    if prm.ce_loss is not None:
+        m["loss/prm_ce"] = prm.ce_loss
+    s = stats.reduce()
+    n_pm = max(s.weight, 1.0)
+    m["loss/policy"] = s.loss_sum / max(s.minibatches, 1)
+    m["loss/clip_frac"] = s.clip_frac / n_pm
+    m["loss/is_weight_mean"] = s.is_weight_mean / n_pm
+    m["loss/mismatch_kl"] = s.mismatch_kl / n_pm
+    m["loss/is_masked_frac"] = s.is_masked_frac / n_pm
+    m["loss/is_capped_frac"] = s.is_capped_frac / n_pm
+    m["loss/grad_norm"] = sum(s.grad_norms) / max(len(s.grad_norms), 1)
+    m["loss/entropy"] = s.entropy / n_pm
+    if with_kl:
+        m["loss/kl_k1"], m["loss/kl_k3"] = s.kl_k1 / n_pm, s.kl_k3 / n_pm
     m["optim/policy_lr"] = models.policy_opt.param_groups[0]["lr"]
-    m["reward/outcome_mean"] = float(stats[7]) / (batch.num_rows * W)
-    on = mask_all > 0
-    m["reward/advantage_mean"] = float(adv_all[on].mean())
-    m["reward/advantage_std"] = float(adv_all[on].std()) if on.sum() > 1 else 0.0
-    m["reward/return_mean"] = float(returns[on].mean())
-    if q_all is not None:
-        seq = pc.beta * q_all.sum(-1)  # β Σ_t q_t, the PRM's sequence score
+    m["reward/outcome_mean"] = s.outcome_sum / (batch.num_rows * ctx.W)
+    on = adv.mask_all > 0
+    m["reward/advantage_mean"] = float(adv.adv_all[on].mean())
+    m["reward/advantage_std"] = float(adv.adv_all[on].std()) if on.sum() > 1 else 0.0
+    m["reward/return_mean"] = float(adv.returns[on].mean())
+    if adv.q_all is not None:
+        seq = ctx.cfg.prime.beta * adv.q_all.sum(-1)  # β Σ_t q_t, the PRM's sequence score
         m["reward/process_mean"] = float(seq.mean())
-        label = outcome_all > 0.5
+        label = adv.outcome_all > 0.5
         m["prm/accuracy"] = float(((seq > 0) == label).float().mean())
+    mask = batch.mask
     lag_all = all_gather_rows(torch.where(mask > 0, policy_version - batch.token_version, -1).float())
     lags = lag_all[lag_all >= 0]
     if lags.numel():
         m["system/version_lag_min"], m["system/version_lag_mean"], m["system/version_lag_max"] = (
             float(lags.min()), float(lags.mean()), float(lags.max()))
-    m["system/tokens"] = float(stats[6])
-    m["time/prm_s"] = t_prm - t0
-    m["time/old_logp_s"] = t_old - t_prm
-    m["time/policy_s"] = t_pol - t_old
+    m["system/tokens"] = s.tokens
     return m
 
 
-__all__ = ["prime_step", "batch_logprobs", "optimizer_steps", "warmup_lr"]
+__all__ = ["PolicyStats", "prime_step", "batch_logprobs", "optimizer_steps", "warmup_lr"]

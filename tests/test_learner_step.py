@@ -18,11 +18,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 from synthetic import make_groups, tiny_qwen2  # noqa: E402
 
 from common.config import load_config  # noqa: E402
-from learner.rollout import build_batch  # noqa: E402
-from learner.distributed import shard_groups  # noqa: E402
+from learner.distributed import close_dist, shard_groups  # noqa: E402
 from learner.models import Models  # noqa: E402
+from learner.rollout import build_batch  # noqa: E402
 from learner.step import prime_step  # noqa: E402
-from learner.distributed import close_dist  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = [

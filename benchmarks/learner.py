@@ -37,9 +37,7 @@ import tempfile
 from pathlib import Path
 
 if __name__ == "__main__" and not __package__:  # started as a file: re-run as a module (launch/__init__.py)
-    from launch import as_module
-
-    as_module(__file__)
+    __import__("launch").as_module(__file__)
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402

@@ -14,9 +14,7 @@ import argparse
 import sys
 
 if __name__ == "__main__" and not __package__:  # started as a file: re-run as a module (launch/__init__.py)
-    from launch import as_module
-
-    as_module(__file__)
+    __import__("launch").as_module(__file__)
 
 from common.keys import KeysExistError, write_keys  # noqa: E402
 

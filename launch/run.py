@@ -15,9 +15,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 if __name__ == "__main__" and not __package__:  # started as a file: re-run as a module (launch/__init__.py)
-    from launch import as_module
-
-    as_module(__file__)
+    __import__("launch").as_module(__file__)
 
 from common.config import ConfigError, load_config  # noqa: E402
 

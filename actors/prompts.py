@@ -238,6 +238,9 @@ def write_jsonl(path: str | os.PathLike, rows: Sequence[dict]) -> None:
     _atomic_write(Path(path), "".join(json.dumps(r) + "\n" for r in rows))
 
 
+PROMPT_KEYS = ("prompt", "problem", "question")  # where a row's prompt may be, in order of preference
+
+
 class PromptSource:
     """See the module docstring."""
 
@@ -264,6 +267,10 @@ class PromptSource:
         self._first_index = self.shard  # row i of the shard is row shard + i * num_shards
         self.committed = self._load_cursor()
         self.position = self.committed  # next row to hand out
+
+    def columns(self) -> list[str]:
+        """The fields of the shard's first row (empty for an empty shard)."""
+        return list(self._rows[0]) if self._rows else []
 
     def _first_index_of(self, i: int) -> int:
         """Row index in the file of the shard's row ``i``."""

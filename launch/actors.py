@@ -26,7 +26,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default=str(ROOT / "configs" / "tiny.yaml"))
     ap.add_argument("--slot", type=int, help="run one actor, slot I of actors.num (default: supervise all)")
-    ap.add_argument("--evaluator", action="store_true", help="run the held-out evaluator (actors/evaluator.py)")
+    ap.add_argument("--evaluator", action="store_true", help="run the held-out evaluator (actors/eval/heldout.py)")
     ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. actors.num=2")
     args = ap.parse_args(argv)
     try:
@@ -35,7 +35,7 @@ def main(argv=None):
         ap.exit(2, f"error: {e}\n")
     logging.basicConfig(level=cfg.logging.level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if args.evaluator:
-        from actors.evaluator import run_evaluator_process
+        from actors.eval.heldout import run_evaluator_process
 
         run_evaluator_process(cfg)
         return

@@ -1,4 +1,4 @@
-"""Evaluate a model on the PRIME paper's benchmarks (logic: actors/evaluate.py).
+"""Evaluate a model on the PRIME paper's benchmarks (logic: actors/eval/).
 
     python launch/eval.py --model DIR [--benchmarks math500,aime24,amc23,minerva_math,olympiadbench,gsm8k,humaneval]
                           [--limit N] [--engine vllm|hf] [--samples K --temperature T --top-p P]
@@ -19,7 +19,7 @@ import sys
 if __name__ == "__main__" and not __package__:  # started as a file: re-run as a module (launch/__init__.py)
     __import__("launch").as_module(__file__)
 
-from actors.evaluate import BENCHMARKS, compare_runs, run_eval  # noqa: E402
+from actors.eval import BENCHMARKS, compare_runs, run_eval  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

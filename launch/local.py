@@ -49,7 +49,7 @@ import sys
 import time
 from pathlib import Path
 
-from common.jsonl import read_rows as _read_jsonl
+from common.jsonl import read_rows
 
 log = logging.getLogger(__name__)
 
@@ -84,8 +84,8 @@ def _stop(proc: subprocess.Popen | None, grace_s: float, name: str) -> None:
 
 def summarize(run_dir: Path, last_n: int, steps: int, seconds: float) -> dict:
     """Summary of a finished run from its ``eval.jsonl`` and ``metrics.jsonl``."""
-    evals = _read_jsonl(run_dir / "eval.jsonl")
-    metrics = _read_jsonl(run_dir / "metrics.jsonl")
+    evals = read_rows(run_dir / "eval.jsonl")
+    metrics = read_rows(run_dir / "metrics.jsonl")
     out: dict = {"steps": steps, "seconds": round(seconds, 1), "evaluations": len(evals)}
     if evals:
         tail = evals[-last_n:]
@@ -120,8 +120,8 @@ def plot(run_dir: Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metrics = _read_jsonl(run_dir / "metrics.jsonl")
-    evals = _read_jsonl(run_dir / "eval.jsonl")
+    metrics = read_rows(run_dir / "metrics.jsonl")
+    evals = read_rows(run_dir / "eval.jsonl")
     if not metrics and not evals:
         return None
     fig, ax = plt.subplots(figsize=(8, 4.5))
@@ -152,8 +152,8 @@ def _view(run_dir: Path, sup, t0: float, steps: int, learner_restarts: int = 0):
     """One line per refresh: step, version, reward, held-out accuracy, tokens/s, lag, actors."""
     from rich.text import Text
 
-    m = _read_jsonl(run_dir / "metrics.jsonl")
-    e = _read_jsonl(run_dir / "eval.jsonl")
+    m = read_rows(run_dir / "metrics.jsonl")
+    e = read_rows(run_dir / "eval.jsonl")
     last = m[-1] if m else {}
 
     def f(key, fmt="{:.3f}"):
@@ -283,7 +283,7 @@ def run_local(cfg, *, nproc_per_node: int = 1, live: bool = True) -> dict:
                 if rc is not None:
                     break
                 sup.poll()
-                evals = _read_jsonl(run_dir / "eval.jsonl")
+                evals = read_rows(run_dir / "eval.jsonl")
                 for ev in evals[seen:]:  # a permanent line per evaluation, above the live line
                     console.print(f"eval v{ev['policy_version']}: held-out accuracy {ev['accuracy']:.3f}"
                                   + (f", greedy {ev['greedy_accuracy']:.3f}" if "greedy_accuracy" in ev else "")
@@ -315,7 +315,7 @@ def run_local(cfg, *, nproc_per_node: int = 1, live: bool = True) -> dict:
         raise KeyboardInterrupt(f"stopped by signal {interrupted['sig']}")
     if rc != 0:
         raise RuntimeError(f"the learner exited with {rc}; see {logs / 'learner.log'}")
-    metrics = _read_jsonl(run_dir / "metrics.jsonl")
+    metrics = read_rows(run_dir / "metrics.jsonl")
     steps = metrics[-1]["step"] if metrics else 0
     summary = summarize(run_dir, cfg.eval.last_n, steps, elapsed)
     summary["actor_restarts"] = sup.restarts() if sup else 0

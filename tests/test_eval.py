@@ -1,4 +1,4 @@
-"""Evaluation harness (actors/evaluate.py, launch/eval.py) and greedy decoding in the engines.
+"""Evaluation harness (actors/eval/, launch/eval.py) and greedy decoding in the engines.
 
 Checked: the unbiased pass@k estimator against hand-computed values; the markdown table;
 every reference answer of the six math sets, boxed, scores correct through the scoring path
@@ -17,12 +17,13 @@ import math
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from actors.engines import Sample
-from actors.evaluate import (
+from actors.eval import (
     BENCHMARKS,
     CODE_SUFFIX,
     MATH_SUFFIX,
@@ -78,19 +79,32 @@ def test_scores_and_table_greedy():
             _rec("gsm8k", "3", 0, True, finish="length"),
             _rec("math500", "a", 0, True), _rec("math500", "b", 0, False)]
     scores = score_benchmarks(recs, ks=(1,))
-    assert scores["gsm8k"].accuracy == 50.0 and scores["gsm8k"].errors == 1 and scores["gsm8k"].truncated == 1
+    # the error is left out: 2 correct of the 3 judged problems
+    assert scores["gsm8k"].accuracy == pytest.approx(200 / 3) and scores["gsm8k"].errors == 1
+    assert scores["gsm8k"].truncated == 1
     assert scores["gsm8k"].statuses == {"correct": 2, "wrong": 1, "error": 1}
     assert scores["math500"].accuracy == 50.0 and scores["math500"].problems == 2
     table = render_table(scores, {"temperature": 0.0})
     assert table == (
         "| metric | GSM8K | MATH-500 | Avg. |\n"
         "|---|---:|---:|---:|\n"
-        "| pass@1 (greedy), % | 50.0 | 50.0 | 50.0 |\n"
+        "| pass@1 (greedy), % | 66.7 | 50.0 | 58.3 |\n"
         "| problems | 4 | 2 | 6 |\n"
         "| verifier errors | 1 | 0 | 1 |\n"
         "| verifier timeouts | 0 | 0 | 0 |\n"
         "| truncated | 1 | 0 | 1 |"
     )
+
+
+def test_errors_are_left_out_per_problem_never_scored_zero():
+    # p: 4 samples, one an error, 2 of the 3 judged correct; q: every sample an error (left out)
+    recs = ([_rec("amc23", "p", j, j < 2, error=j == 3) for j in range(4)]
+            + [_rec("amc23", "q", j, False, error=True) for j in range(4)])
+    s = score_benchmarks(recs, ks=(1, 2, 4))["amc23"]
+    assert s.errors == 5 and s.samples == 4 and s.problems == 2
+    assert s.accuracy == pytest.approx(100 * 2 / 3) and s.pass_at[1] == pytest.approx(100 * 2 / 3)
+    assert s.pass_at[2] == pytest.approx(100.0)          # 3 judged, 2 correct: every pair holds one
+    assert math.isnan(s.pass_at[4])                      # no problem was judged 4 times
 
 
 def test_scores_and_table_sampled():
@@ -165,7 +179,7 @@ def test_verifier_errors_are_counted_not_hidden(pool):
     recs, scores = score_responses(items, [["```python\nprint(1)\n```"], ["\\boxed{4}"], ["\\boxed{4}"]], pool=pool)
     assert [(r.status, r.error, r.correct) for r in recs] == [
         ("sandbox_error", True, False), ("error", True, False), ("correct", False, True)]
-    assert scores["custom"].errors == 2 and scores["custom"].accuracy == pytest.approx(100 / 3)
+    assert scores["custom"].errors == 2 and scores["custom"].accuracy == 100.0  # over the one judged problem
     assert "| verifier errors | 2 | 2 |" in render_table(scores)
 
 
@@ -182,33 +196,47 @@ def test_one_verdict_policy_by_hand():
 
 
 def test_math_timeouts_follow_the_policy_in_benchmark_and_held_out_scoring(pool):
-    """A real math timeout (a sympy comparison given 1 ms) is scored by the same policy in
-    benchmark evaluation (``score_responses``) and the held-out evaluator (``score``), and
-    counted on its own either way."""
-    from actors.evaluator import score
+    """A real math timeout (a sympy comparison given 1 ms) is scored by the one policy in
+    benchmark evaluation (``score_responses``) and the held-out evaluator (which runs
+    ``evaluate``): counted on its own either way; under ``math_timeout=error`` an error, left
+    out of the accuracy (never scored 0), under ``wrong`` a wrong answer."""
+    from actors.eval.heldout import Evaluator
 
     slow = EvalItem("custom", "slow", "math", "p", "x^{20} + 20 x^{19} + 190 x^{18}")
     fine = EvalItem("custom", "fine", "math", "p", "4")
     responses = [["\\boxed{(x+1)^{20}}"], ["\\boxed{4}"]]
     limit = {"math": 0.001}
-    for policy, errors, accuracy in (("wrong", 0, 50.0), ("error", 1, 50.0)):
+    for policy, errors, accuracy in (("wrong", 0, 50.0), ("error", 1, 100.0)):
         recs, scores = score_responses([slow, fine], responses, pool=pool, timeouts_s=limit, math_timeout=policy)
         assert [r.status for r in recs] == ["timeout", "correct"], [r.detail for r in recs]
         assert [r.error for r in recs] == [policy == "error", False]
         assert scores["custom"].timeouts == 1 and scores["custom"].errors == errors
-        assert scores["custom"].accuracy == accuracy  # an error counts as not correct; the denominator is every sample
+        assert scores["custom"].accuracy == accuracy  # an error is left out of the accuracy
         assert "| verifier timeouts | 1 | 1 |" in render_table(scores)
 
-    class TimedPool:  # the evaluator submits without a time limit: give every math verdict 1 ms
+    class TimedPool:  # give every math verdict 1 ms, whatever time limit the caller asks for
+        kind_timeouts_s = {"math": 5.0, "code": 10.0}
+
         def submit(self, kind, text, target, timeout_s=None):
             return pool.submit(kind, text, target, limit.get(kind, timeout_s))
 
     engine = ScriptedEngine({"slow": ["\\boxed{(x+1)^{20}}"], "fine": ["\\boxed{4}"]})
-    items = [("a", "slow", "x^{20} + 20 x^{19} + 190 x^{18}"), ("b", "fine", "4")]
+    items = [EvalItem("heldout", "a", "math", "slow", slow.reference), EvalItem("heldout", "b", "math", "fine", "4")]
     for policy, n, errors, accuracy in (("wrong", 2, 0, 0.5), ("error", 1, 1, 1.0)):
-        out = score(engine, TimedPool(), CharTokenizer(), items, samples=1, temperature=1.0, max_tokens=8, seed=0,
-                    math_timeout=policy)
+        cfg = SimpleNamespace(run=SimpleNamespace(output_dir="unused"), logging=SimpleNamespace(tensorboard=False))
+        ev = Evaluator(cfg, engine, TimedPool(), CharTokenizer(), items)
+        out = ev._score(samples=1, temperature=1.0, max_tokens=8, seed=0, pool=ev.pool, progress=False,
+                        math_timeout=policy, timeouts_s=TimedPool.kind_timeouts_s)
         assert (out["n"], out["errors"], out["timeouts"], out["accuracy"]) == (n, errors, 1, accuracy)
+
+
+def test_heldout_seeds_are_the_evaluators_historical_streams():
+    from actors.eval.heldout import heldout_seeds
+
+    # chunk 0 starts at seed, chunk 1 at seed + 64; within a chunk prompt p is p·samples further
+    assert heldout_seeds(100, 130, 4)[:3] == [100, 104, 108]
+    assert heldout_seeds(100, 130, 4)[63:66] == [100 + 63 * 4, 164, 168]
+    assert heldout_seeds(5, 3, 1) == [5, 6, 7]
 
 
 # ----------------------------------------------------------------------------- evaluate()
@@ -282,7 +310,7 @@ def test_evaluate_samples_avg_and_pass_at_k(pool):
 
 
 def test_system_prompt_and_chat_messages():
-    from actors.evaluate import chat_prompt
+    from actors.eval import chat_prompt
 
     it = MATH_ITEMS[0]
     assert chat_prompt(it) == it.prompt

@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 import actors.verifiers.math_verifier as mv
-from actors.evaluate import DEFAULT_DATA_DIR
+from actors.eval import DEFAULT_DATA_DIR
 from actors.verifiers.math_verifier import canonical_answer, extract_answer, last_boxed, verify_math
 from actors.verifiers.verdict import MATH_STATUSES
 

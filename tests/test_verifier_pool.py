@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from actors.evaluate import DEFAULT_DATA_DIR
+from actors.eval import DEFAULT_DATA_DIR
 from actors.verifiers.pool import VerifierPool
 
 MATH500 = DEFAULT_DATA_DIR / "math500.jsonl"

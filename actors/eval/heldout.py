@@ -17,17 +17,18 @@ Contract
   ``<run_dir>/final`` (``"final": true``) unless that version was the last one evaluated.
 - One evaluation: the held-out prompts (``eval.heldout_path``, first ``eval.limit``), each
   sampled ``eval.samples`` times at ``eval.temperature`` (default: the training temperature),
-  ``accuracy`` = mean reward over all those samples; with ``eval.greedy`` also one greedy
-  answer each (``greedy_accuracy``). Responses are scored by the verifier pool under the
-  one verdict policy (``actors.verifiers.verdict.is_error``, ``verifier.math_timeout``): a
-  verdict that is not a judgement is counted (``errors``) and excluded from the mean, never
-  scored 0; timeouts are counted (``timeouts``) whatever they count as.
+  ``accuracy`` = the fraction of those samples that are correct; with ``eval.greedy`` also
+  one greedy answer each (``greedy_accuracy``). Items, generation and scoring are those of
+  benchmark evaluation (``actors.eval``: ``load_items``, ``evaluate``), so the verdict
+  policy is the same (``actors.verifiers.verdict.is_error``, ``verifier.math_timeout``): a
+  verdict that is not a judgement is counted (``errors``) and left out of the accuracy,
+  never scored 0; timeouts are counted (``timeouts``) whatever they count as.
 - Output: one JSON line per evaluation in ``<run_dir>/eval.jsonl`` (policy_version, accuracy,
   greedy_accuracy, n, errors, seconds, final) and TensorBoard scalars ``eval/accuracy``,
   ``eval/greedy_accuracy`` under ``<run_dir>/tb/eval`` with the policy version as the step.
 - A learner restart (the learner re-publishes an older version from its checkpoint) is
   ridden through: the client rejoins, and evaluations continue after the last one done.
-Not covered: benchmark suites (``actors.evaluate`` / ``launch/eval.py``), pass@k.
+Not covered: benchmark suites (``actors.eval.run_eval`` / ``launch/eval.py``), pass@k.
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ import logging
 import time
 from pathlib import Path
 
+from actors.eval.items import load_items
+from actors.eval.run import evaluate
 from actors.process import load_newest
 from common import placement
 from common.jsonl import read_rows
@@ -47,65 +50,15 @@ log = logging.getLogger(__name__)
 EVALUATOR_ID = "evaluator"
 
 
-PROMPT_KEYS = ("prompt", "problem", "question")  # the shared eval sets use problem/question
+HELDOUT_CHUNK = 64  # prompts per generate call of a held-out evaluation
 
 
-def load_items(path, limit: int = 0, suffix: str = "") -> list:
-    """``(prompt_id, prompt, reference)`` items of a held-out file, the first ``limit`` (0 = all);
-    the prompt is the row's first field of ``PROMPT_KEYS``, with ``suffix`` appended to text
-    prompts."""
-    from actors.prompts import PromptSource
-
-    src = PromptSource(path)
-    n = len(src) if limit == 0 else min(limit, len(src))
-    if n and src.prompt_key not in src._rows[0]:
-        key = next((k for k in PROMPT_KEYS if k in src._rows[0]), None)
-        if key is None:
-            raise KeyError(f"{path}: rows have none of the prompt fields {PROMPT_KEYS}")
-        src = PromptSource(path, prompt_key=key)
-    items = [src.item(i) for i in range(n)]
-    return [(pid, prompt + suffix if isinstance(prompt, str) else prompt, _final_answer(ref)) for pid, prompt, ref in items]
-
-
-def _final_answer(ref):
-    """GSM8K references are whole solutions ending in ``#### <answer>``: keep the answer."""
-    if isinstance(ref, str) and "####" in ref:
-        return ref.rsplit("####", 1)[1].strip().replace(",", "")
-    return ref
-
-
-def score(engine, pool, tokenizer, items, *, samples: int, temperature: float, max_tokens: int, seed: int,
-          default_kind: str = "math", chunk: int = 64, math_timeout: str = "wrong") -> dict:
-    """Generate ``samples`` responses per item and verify them. Returns accuracy (mean reward
-    over verdicts that are judgements, ``verdict.is_error``), n (those verdicts), errors,
-    timeouts and per-item rewards."""
-    from actors.prompts import split_reference, to_token_ids
-    from actors.verifiers.verdict import is_error
-
-    rewards: list[list[float]] = []
-    errors = timeouts = 0
-    for lo in range(0, len(items), chunk):
-        part = items[lo:lo + chunk]
-        ids = [to_token_ids(prompt, tokenizer) for _, prompt, _ in part]
-        outs = engine.generate(ids, k=samples, temperature=temperature, max_tokens=max_tokens, seed=seed + lo)
-        futs = []
-        for (_, _, ref), per in zip(part, outs):
-            kind, value = split_reference(ref, default_kind)
-            futs.append((kind, [pool.submit(kind, tokenizer.decode(s.token_ids, skip_special_tokens=True), value)
-                                for s in per]))
-        for kind, fs in futs:
-            item = []
-            for f in fs:
-                v = f.result()
-                timeouts += v.status == "timeout"
-                if is_error(v.status, kind, math_timeout):
-                    errors += 1
-                else:
-                    item.append(float(v.reward))
-            rewards.append(item)
-    flat = [r for item in rewards for r in item]
-    return {"accuracy": sum(flat) / len(flat) if flat else float("nan"), "n": len(flat), "errors": errors,
-            "timeouts": timeouts, "rewards": rewards}
+def heldout_seeds(seed: int, n: int, samples: int, chunk: int = HELDOUT_CHUNK) -> list[int]:
+    """Per-prompt sampling seeds of a held-out evaluation: prompt i of the chunk starting at
+    ``lo`` gets ``seed + lo + (i - lo)·samples``, the streams this evaluator has always used
+    (so held-out figures stay comparable with earlier runs; prompts in different chunks may
+    share a stream, which correlates their samples but biases nothing)."""
+    return [seed + (i // chunk) * chunk + (i % chunk) * samples for i in range(n)]
 
 
 class Evaluator:
@@ -126,14 +79,16 @@ class Evaluator:
         e = self.cfg.eval
         temp = e.temperature if e.temperature is not None else self.cfg.generation.temperature
         t0 = time.monotonic()
-        common = dict(max_tokens=self.cfg.generation.max_tokens, seed=self.cfg.run.seed + 7919,
-                      default_kind=self.cfg.actors.verifier_kind, math_timeout=self.cfg.verifier.math_timeout)
-        sampled = score(self.engine, self.pool, self.tokenizer, self.items, samples=e.samples, temperature=temp,
-                        **common)
+        seed = self.cfg.run.seed + 7919
+        common = dict(max_tokens=self.cfg.generation.max_tokens, pool=self.pool, batch_size=HELDOUT_CHUNK,
+                      progress=False, math_timeout=self.cfg.verifier.math_timeout,
+                      timeouts_s=dict(getattr(self.pool, "kind_timeouts_s", {}) or {}))
+        sampled = self._score(samples=e.samples, temperature=temp,
+                              seeds=heldout_seeds(seed, len(self.items), e.samples), **common)
         rec = {"policy_version": int(version), "accuracy": sampled["accuracy"], "n": sampled["n"],
                "errors": sampled["errors"], "timeouts": sampled["timeouts"], "temperature": temp, "samples": e.samples, "final": final}
         if e.greedy:
-            greedy = score(self.engine, self.pool, self.tokenizer, self.items, samples=1, temperature=0.0, **common)
+            greedy = self._score(samples=1, temperature=0.0, seed=seed, **common)
             rec["greedy_accuracy"] = greedy["accuracy"]
             rec["errors"] += greedy["errors"]
             rec["timeouts"] += greedy["timeouts"]
@@ -151,6 +106,14 @@ class Evaluator:
                  " (final)" if final else "", rec["accuracy"], rec.get("greedy_accuracy"), rec["n"],
                  rec["errors"], rec["seconds"])
         return rec
+
+    def _score(self, **kw) -> dict:
+        """One pass of ``actors.eval.evaluate`` over the held-out items: accuracy (a fraction,
+        over the judged responses), n (judged responses), errors, timeouts."""
+        res = evaluate(self.engine, self.items, self.tokenizer, ks=(), **kw)
+        sc = next(iter(res.scores.values()))
+        return {"accuracy": sc.accuracy / 100.0, "n": sum(not r.error for r in res.records), "errors": sc.errors,
+                "timeouts": sc.timeouts}
 
     def run(self, poll_s: float = 0.5, final_wait_s: float = 300.0) -> list[dict]:
         """Evaluate as versions arrive until the learner says stop; then the final policy. A
@@ -250,7 +213,8 @@ def run_evaluator_process(cfg) -> list[dict]:
     if cfg.eval.heldout_path is None:
         raise ValueError("eval.heldout_path is not set (the launcher sets it for task.kind=arithmetic)")
     placement.apply(cfg.placement, "evaluator")
-    items = load_items(cfg.eval.heldout_path, cfg.eval.limit, cfg.eval.prompt_suffix)
+    items = load_items(cfg.eval.heldout_path, cfg.eval.limit, default_kind=cfg.actors.verifier_kind,
+                       benchmark="heldout", prompt_suffix=cfg.eval.prompt_suffix)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer_path or cfg.model.policy_path)
     kind = cfg.generation.engine if cfg.generation.engine != "vllm-async" else "vllm"
     engine = make_engine(kind, cfg.model.policy_path, **engine_options(cfg, kind))

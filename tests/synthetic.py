@@ -1,9 +1,14 @@
-"""Synthetic trajectory groups and tiny models for learner tests (no engine needed)."""
+"""Shared test helpers (tests/ is on the import path through tests/conftest.py): synthetic
+trajectory groups, hostile ones, tiny models, a live transport link, free ports."""
+
+import contextlib
 
 import numpy as np
 import torch
 
+from common.config import TransportConfig
 from common.schema import Array, Response, TrajectoryGroup
+from common.transport import ActorClient, LearnerServer
 
 
 def tiny_qwen2(seed=0, vocab=64, hidden=32, layers=2, tie=True):
@@ -51,3 +56,68 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def group(pid: str, outcomes, version: int) -> TrajectoryGroup:
+    responses = [Response(token_ids=Array.from_numpy(np.array([5, 6, 7]), "int32"),
+                          behav_logp=Array.from_numpy(np.full(3, -1.0), "float32"),
+                          policy_version=Array.from_numpy(np.full(3, version), "int32"),
+                          finish_reason="stop", outcome_reward=float(o),
+                          verifier_status="correct" if o else "wrong") for o in outcomes]
+    return TrajectoryGroup(prompt_id=pid, prompt_tokens=Array.from_numpy(np.array([3, 4]), "int32"),
+                           responses=responses, policy_version=version, gen_s=0.1, verify_s=0.1)
+
+
+MIXED, ALL_RIGHT = (1, 0, 0, 1), (1, 1, 1, 1)
+
+
+@contextlib.contextmanager
+def live_link(credit_window: int = 16, admission_budget: int | None = 0):
+    """A real LearnerServer on ephemeral loopback ports and one connected ActorClient 'a'."""
+    cfg = TransportConfig(trajectory_addr="tcp://127.0.0.1:*", control_addr="tcp://127.0.0.1:*",
+                          heartbeat_s=0.05, peer_timeout_s=5.0, credit_window=credit_window)
+    srv = LearnerServer(cfg, max_staleness=1, admission_budget=admission_budget).start()
+    cli = ActorClient(cfg.model_copy(update=dict(trajectory_addr=srv.trajectory_endpoint,
+                                                 control_addr=srv.control_endpoint)), "a").start()
+    try:
+        assert cli.wait_ready(10)
+        yield srv, cli
+    finally:
+        cli.close(linger_s=0.2)
+        srv.close()
+
+
+def with_response(g: TrajectoryGroup, i: int = 0, **fields) -> TrajectoryGroup:
+    """``g`` with response ``i``'s arrays replaced (numpy arrays or scalars broadcast)."""
+    r = g.responses[i]
+    arrays = {"token_ids": r.token_ids.to_numpy(), "behav_logp": r.behav_logp.to_numpy(),
+              "policy_version": r.policy_version.to_numpy()}
+    arrays.update(fields)
+    new = Response(token_ids=Array.from_numpy(np.asarray(arrays["token_ids"]), "int32"),
+                   behav_logp=Array.from_numpy(np.asarray(arrays["behav_logp"]), "float32"),
+                   policy_version=Array.from_numpy(np.asarray(arrays["policy_version"]), "int32"),
+                   finish_reason=r.finish_reason, outcome_reward=r.outcome_reward, verifier_status=r.verifier_status)
+    return TrajectoryGroup(prompt_id=g.prompt_id + "-bad", prompt_tokens=g.prompt_tokens,
+                           responses=[new if j == i else x for j, x in enumerate(g.responses)],
+                           policy_version=g.policy_version, gen_s=g.gen_s, verify_s=g.verify_s)
+
+
+def hostile(seed: int, version: int = 0) -> dict[str, TrajectoryGroup]:
+    """One group per reason check_group gives, each otherwise like a good one."""
+    g = make_groups(1, seed=seed, version=version, resp_len=(3, 6))[0]
+    T = g.responses[1].token_ids.shape[0]
+    empty = np.zeros(0)
+    long_prompt = make_groups(1, seed=seed, version=version)[0]
+    long_prompt.prompt_tokens = Array.from_numpy(np.arange(3, 3 + 9), "int32")
+    return {
+        "group_size": TrajectoryGroup(prompt_id="k3", prompt_tokens=g.prompt_tokens, responses=g.responses[:3],
+                                      policy_version=version, gen_s=0.1, verify_s=0.1),
+        "empty_response": with_response(g, 1, token_ids=empty, behav_logp=empty, policy_version=empty),
+        "token_id": with_response(g, 2, token_ids=np.full(g.responses[2].token_ids.shape[0], 64)),  # vocab is 64
+        "prompt_too_long": long_prompt,
+        "response_too_long": with_response(g, 0, token_ids=np.full(13, 5), behav_logp=np.full(13, -1.0),
+                                   policy_version=np.full(13, version)),
+        "future_version": with_response(g, 3, policy_version=np.full(g.responses[3].token_ids.shape[0], version + 1)),
+        "version_order": with_response(g, 1, policy_version=np.r_[np.full(T - 1, version), -1]),
+        "implausible_logp": with_response(g, 1, behav_logp=np.r_[np.full(T - 1, -1.0), -80.0]),
+    }

@@ -15,7 +15,7 @@ import pytest
 from common.sweep import SweepError, emit_slurm, finished, load_sweep, run_command, run_dir, run_sweep
 from common.sweep_report import mean_ci95, steps_to, write_report
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def write(tmp_path, text: str) -> Path:

@@ -5,7 +5,7 @@ evaluation weights the learner leaves for the evaluator in deterministic mode.""
 import numpy as np
 import pytest
 import torch
-from test_ingest import group, live_link
+from synthetic import group, live_link
 
 from common.admission import AdmissionRule
 from common.lockstep import LockstepSchedule, eval_weights_path, save_eval_weights

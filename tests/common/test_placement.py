@@ -11,7 +11,7 @@ import pytest
 from common.config import ConfigError, PlacementConfig, load_config
 from common.placement import PlacementError, parse_cpus, plan, share
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_parse_cpus_by_hand():

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from synthetic import free_port
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 SMALL = ["generation.engine=hf", "generation.max_tokens=48", "task.sft_size=300", "task.train_size=256",
          "task.dev_size=16", "task.heldout_size=16", "warmup.hidden_size=64", "warmup.heads=2",
@@ -191,7 +191,7 @@ def test_hostile_groups_garbage_and_a_killed_learner_the_run_completes(tmp_path)
     import random
 
     import zmq
-    from test_ingest_validation import hostile
+    from synthetic import hostile
 
     from common.config import load_config
     from common.transport import ActorClient

@@ -10,7 +10,7 @@ import pytest
 
 from common.config import ConfigError, PrimeRunConfig, describe_fields, load_config, render_markdown, save_resolved
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "configs" / "tiny.yaml"
 
 
@@ -175,7 +175,7 @@ def test_run_py_resume_reads_the_run_directorys_saved_config(tmp_path):
 
     from common.config import save_resolved
 
-    spec = importlib.util.spec_from_file_location("launch_run", Path(__file__).resolve().parents[1] / "launch" / "run.py")
+    spec = importlib.util.spec_from_file_location("launch_run", Path(__file__).resolve().parents[2] / "launch" / "run.py")
     run = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(run)
     run_dir = tmp_path / "interrupted"

@@ -22,6 +22,8 @@ import torch
 from actors.engines import Engine, Sample, make_engine
 from learner.logprobs import token_logprobs
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
+
 TINY_VOCAB, EOS = 128, 2
 TINY_PROMPTS = [[1, 10, 11, 12], [1, 20, 21], [1, 30, 31, 32, 33, 34, 35, 36], [1, 40]]
 SMOL_QUESTIONS = ["What is the capital of France?", "Name a primary colour.", "What is 2+3?"]
@@ -124,18 +126,6 @@ def check_shape_and_finish(groups: list[list[Sample]], n_prompts: int, k: int, m
 
 
 # ----------------------------------------------------------------------------- fixtures
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """One intra-op thread for the in-process work (HF engine, learner forwards): on a
-    shared 2-core box two OpenMP threads stall whenever another process holds a core
-    (measured: a 9x576x1536 matmul 0.5 ms with one thread, 8 ms with two). vLLM's own
-    worker threads are set by VLLM_CPU_OMP_THREADS_BIND and are not affected."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
     from actors.prepare_model import prepare_model

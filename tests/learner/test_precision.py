@@ -7,19 +7,17 @@ gloo group) builds with a MixedPrecisionPolicy and trains the same way."""
 
 import json
 import os
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 import torch.multiprocessing as tmp
 
-sys.path.insert(0, str(Path(__file__).parent))
 from synthetic import free_port, make_groups, tiny_qwen2  # noqa: E402
 
 from common.config import ConfigError, load_config  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _cfg(tmp_path, *extra):

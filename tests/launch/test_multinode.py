@@ -18,7 +18,7 @@ from pathlib import Path
 
 from synthetic import free_port
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 SMALL = ["task.sft_size=300", "task.train_size=256", "task.dev_size=16", "task.heldout_size=16",
          "warmup.hidden_size=64", "warmup.heads=2", "warmup.intermediate_size=128", "warmup.layers=2",

@@ -15,7 +15,7 @@ from wandb.proto import wandb_internal_pb2 as pb  # noqa: E402
 from common.config import load_config  # noqa: E402
 from learner.metrics_log import MetricsLogger  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def wandb_records(path: Path) -> list:

@@ -40,7 +40,7 @@ from actors.eval import (
     score_responses,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 MATH_SETS = [b for b in BENCHMARKS if b != "humaneval"]
 SIZES = {"math500": 500, "aime24": 30, "amc23": 40, "minerva_math": 272, "olympiadbench": 675, "gsm8k": 1319}
 

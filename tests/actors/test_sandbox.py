@@ -22,15 +22,9 @@ import pytest
 from actors.verifiers import sandbox
 from actors.verifiers.sandbox import RunResult, SandboxLimits, SandboxUnavailable, run_python, sandbox_available
 
-ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("needs_sandbox")  # tests/conftest.py
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _needs_sandbox():
-    if shutil.which("bwrap") is None:
-        pytest.skip("bubblewrap is not installed")
-    ok, why = sandbox_available()
-    assert ok, why
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def run(code: str, timeout_s: float = 5.0, **kw) -> RunResult:

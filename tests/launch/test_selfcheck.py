@@ -10,7 +10,7 @@ from pathlib import Path
 from common.config import load_config
 from launch.selfcheck import run_selfcheck
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_import_vllm_cpu_build():

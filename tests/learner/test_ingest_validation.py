@@ -3,58 +3,19 @@ and sent to a live in-process learner through the real transport (LearnerServer 
 each is rejected and counted by reason, and the learner trains on the good groups."""
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from synthetic import free_port, make_groups, tiny_qwen2  # noqa: E402
+from synthetic import free_port, hostile, make_groups, tiny_qwen2, with_response  # noqa: E402
 
 from common.config import load_config  # noqa: E402
-from common.schema import Array, Response, TrajectoryGroup  # noqa: E402
 from learner.ingest import GroupLimits, check_group  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 LIMITS = GroupLimits(k=4, vocab_size=64, max_prompt_tokens=8, max_tokens=12)
-
-
-def _with(g: TrajectoryGroup, i: int = 0, **fields) -> TrajectoryGroup:
-    """``g`` with response ``i``'s arrays replaced (numpy arrays or scalars broadcast)."""
-    r = g.responses[i]
-    arrays = {"token_ids": r.token_ids.to_numpy(), "behav_logp": r.behav_logp.to_numpy(),
-              "policy_version": r.policy_version.to_numpy()}
-    arrays.update(fields)
-    new = Response(token_ids=Array.from_numpy(np.asarray(arrays["token_ids"]), "int32"),
-                   behav_logp=Array.from_numpy(np.asarray(arrays["behav_logp"]), "float32"),
-                   policy_version=Array.from_numpy(np.asarray(arrays["policy_version"]), "int32"),
-                   finish_reason=r.finish_reason, outcome_reward=r.outcome_reward, verifier_status=r.verifier_status)
-    return TrajectoryGroup(prompt_id=g.prompt_id + "-bad", prompt_tokens=g.prompt_tokens,
-                           responses=[new if j == i else x for j, x in enumerate(g.responses)],
-                           policy_version=g.policy_version, gen_s=g.gen_s, verify_s=g.verify_s)
-
-
-def hostile(seed: int, version: int = 0) -> dict[str, TrajectoryGroup]:
-    """One group per reason check_group gives, each otherwise like a good one."""
-    g = make_groups(1, seed=seed, version=version, resp_len=(3, 6))[0]
-    T = g.responses[1].token_ids.shape[0]
-    empty = np.zeros(0)
-    long_prompt = make_groups(1, seed=seed, version=version)[0]
-    long_prompt.prompt_tokens = Array.from_numpy(np.arange(3, 3 + 9), "int32")
-    return {
-        "group_size": TrajectoryGroup(prompt_id="k3", prompt_tokens=g.prompt_tokens, responses=g.responses[:3],
-                                      policy_version=version, gen_s=0.1, verify_s=0.1),
-        "empty_response": _with(g, 1, token_ids=empty, behav_logp=empty, policy_version=empty),
-        "token_id": _with(g, 2, token_ids=np.full(g.responses[2].token_ids.shape[0], 64)),  # vocab is 64
-        "prompt_too_long": long_prompt,
-        "response_too_long": _with(g, 0, token_ids=np.full(13, 5), behav_logp=np.full(13, -1.0),
-                                   policy_version=np.full(13, version)),
-        "future_version": _with(g, 3, policy_version=np.full(g.responses[3].token_ids.shape[0], version + 1)),
-        "version_order": _with(g, 1, policy_version=np.r_[np.full(T - 1, version), -1]),
-        "implausible_logp": _with(g, 1, behav_logp=np.r_[np.full(T - 1, -1.0), -80.0]),
-    }
 
 
 def test_each_reason_by_hand():
@@ -65,7 +26,7 @@ def test_each_reason_by_hand():
     for reason, g in hostile(seed=5, version=2).items():
         assert check_group(g, 2, LIMITS) == reason, reason
     # negative token ids are out of any vocabulary
-    neg = _with(good[0], 0, token_ids=np.r_[good[0].responses[0].token_ids.to_numpy()[:-1], -3])
+    neg = with_response(good[0], 0, token_ids=np.r_[good[0].responses[0].token_ids.to_numpy()[:-1], -3])
     assert check_group(neg, 2, GroupLimits()) == "token_id"
 
 

@@ -13,7 +13,6 @@ import pytest
 import zmq
 import zmq.auth
 
-sys.path.insert(0, str(Path(__file__).parent))
 from test_transport import make_group, server_cfg  # noqa: E402
 
 from common.cluster_check import check_cluster, parse_host_port, parse_zmq_tcp, report  # noqa: E402
@@ -21,7 +20,7 @@ from common.config import TransportConfig, load_config  # noqa: E402
 from common.keys import KeysExistError, write_keys  # noqa: E402
 from common.transport import ActorClient, LearnerServer  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PAPER = ROOT / "configs" / "paper-qwen2.5-math-7b.yaml"
 TINY = ROOT / "configs" / "tiny.yaml"
 pytestmark = pytest.mark.timeout(120)

@@ -305,7 +305,7 @@ def test_the_default_recipe_is_shipped_and_intact():
     from actors.tasks import shipped
     from common.config import load_config
 
-    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml")
+    cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml")
     key = wu.cache_key(cfg.task, cfg.warmup)
     entry = shipped.find(key)
     assert entry is not None, f"no shipped warm-up for configs/tiny.yaml's recipe {key}: run launch/warmup.py --ship"
@@ -318,7 +318,7 @@ def test_the_default_recipe_is_shipped_and_intact():
 def test_config_sections_and_cli(tmp_path):
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("launch_warmup", Path(__file__).resolve().parents[1] / "launch" / "warmup.py")
+    spec = importlib.util.spec_from_file_location("launch_warmup", Path(__file__).resolve().parents[2] / "launch" / "warmup.py")
     cli = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cli)
     cfg = PrimeRunConfig()

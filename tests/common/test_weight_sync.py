@@ -7,10 +7,8 @@ import json
 import multiprocessing as mp
 import os
 import signal
-import shutil
 import threading
 import time
-import uuid
 
 import numpy as np
 import pytest
@@ -67,15 +65,6 @@ def to_device(state: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]
     """``state`` moved to ``device``, keeping tied tensors tied."""
     moved: dict[int, torch.Tensor] = {}
     return {k: moved[id(t)] if id(t) in moved else moved.setdefault(id(t), t.to(device)) for k, t in state.items()}
-
-
-@pytest.fixture
-def shm_channel(tmp_path):
-    """(shm_dir, channel): the real /dev/shm where there is one, a unique channel, removed after."""
-    base = "/dev/shm" if os.access("/dev/shm", os.W_OK) else str(tmp_path)
-    channel = f"test-{uuid.uuid4().hex[:10]}"
-    yield base, channel
-    shutil.rmtree(os.path.join(base, f"prime-ws-{channel}"), ignore_errors=True)
 
 
 def expect(q, kind, timeout=START):

@@ -5,20 +5,13 @@ new weights (tied head included); an update that is not newer than the engine's 
 restarted learner resuming at an older one) is received but not loaded."""
 
 import pytest
-import torch
 
 from actors.engines import make_engine
 from common.weight_sync import make_sender
 from synthetic import free_port
 from test_engines import TINY_PROMPTS, mean_abs_diff, perturbed, tiny_qwen2
 
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 def test_vllm_workers_take_gloo_weights_in_place(tmp_path):

@@ -1,47 +1,14 @@
 """learner/ingest.py against a real LearnerServer and ActorClient: the accuracy filter, the
 staleness backstop, the surplus buffer, and the capacity-admission budget it hands the server."""
 
-import contextlib
 import dataclasses
 import time
 
-import numpy as np
 import pytest
+from synthetic import ALL_RIGHT, MIXED, group, live_link
 
 from common.admission import AdmissionRule
-from common.config import TransportConfig
-from common.schema import Array, Response, TrajectoryGroup
-from common.transport import ActorClient, LearnerServer
 from learner.ingest import Ingest
-
-
-def group(pid: str, outcomes, version: int) -> TrajectoryGroup:
-    responses = [Response(token_ids=Array.from_numpy(np.array([5, 6, 7]), "int32"),
-                          behav_logp=Array.from_numpy(np.full(3, -1.0), "float32"),
-                          policy_version=Array.from_numpy(np.full(3, version), "int32"),
-                          finish_reason="stop", outcome_reward=float(o),
-                          verifier_status="correct" if o else "wrong") for o in outcomes]
-    return TrajectoryGroup(prompt_id=pid, prompt_tokens=Array.from_numpy(np.array([3, 4]), "int32"),
-                           responses=responses, policy_version=version, gen_s=0.1, verify_s=0.1)
-
-
-MIXED, ALL_RIGHT = (1, 0, 0, 1), (1, 1, 1, 1)
-
-
-@contextlib.contextmanager
-def live_link(credit_window: int = 16, admission_budget: int | None = 0):
-    """A real LearnerServer on ephemeral loopback ports and one connected ActorClient 'a'."""
-    cfg = TransportConfig(trajectory_addr="tcp://127.0.0.1:*", control_addr="tcp://127.0.0.1:*",
-                          heartbeat_s=0.05, peer_timeout_s=5.0, credit_window=credit_window)
-    srv = LearnerServer(cfg, max_staleness=1, admission_budget=admission_budget).start()
-    cli = ActorClient(cfg.model_copy(update=dict(trajectory_addr=srv.trajectory_endpoint,
-                                                 control_addr=srv.control_endpoint)), "a").start()
-    try:
-        assert cli.wait_ready(10)
-        yield srv, cli
-    finally:
-        cli.close(linger_s=0.2)
-        srv.close()
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import socket
 import subprocess
 import time
@@ -22,16 +21,10 @@ from actors.verifiers.code_verifier import extract_code, outputs_match, values_m
 from actors.verifiers.sandbox import SandboxLimits, sandbox_available
 from actors.verifiers.verdict import CODE_STATUSES
 
-ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("needs_sandbox")  # tests/conftest.py
+
+ROOT = Path(__file__).resolve().parents[2]
 MARGIN_S = 1.0  # allowed wall time beyond timeout_s
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _needs_sandbox():
-    if shutil.which("bwrap") is None:
-        pytest.skip("bubblewrap is not installed")
-    ok, why = sandbox_available()
-    assert ok, why  # installed but not working is a failure, not a skip
 
 
 def py(code: str) -> str:

@@ -6,7 +6,6 @@ with FSDP2 (also when the ranks pack different numbers of micro-batches, and FSD
 import copy
 import os
 import socket
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,7 +13,6 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as tmp
 
-sys.path.insert(0, str(Path(__file__).parent))
 from synthetic import make_groups, tiny_qwen2  # noqa: E402
 
 from common.config import load_config  # noqa: E402
@@ -23,7 +21,7 @@ from learner.models import Models  # noqa: E402
 from learner.rollout import build_batch  # noqa: E402
 from learner.step import prime_step  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 BASE = [
     "batch.prompts_per_step=4", "generation.k=4", "batch.policy_mini_batch=8", "batch.prm_mini_batch=16",
     "batch.micro_batch_tokens=48", "optim.policy.lr=1e-3", "optim.prm.lr=1e-3",

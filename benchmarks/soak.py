@@ -60,13 +60,13 @@ def _children(pid: int) -> list[int]:
 def role(cmd: str) -> str:
     if "torch.distributed.run" in cmd:
         return "torchrun agent"
-    if "launch/learner.py" in cmd:
+    if "launch/learner.py" in cmd or "launch.learner" in cmd:  # as a file, or re-run as a module
         return "learner"
     if "--evaluator" in cmd:
         return "evaluator"
     if "--slot" in cmd:
         return "actor"
-    if "launch/run.py" in cmd:
+    if "launch/run.py" in cmd or "launch.run" in cmd:
         return "launcher"
     if "multiprocessing" in cmd or "spawn_main" in cmd:
         return "verifier"

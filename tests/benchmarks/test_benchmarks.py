@@ -145,6 +145,9 @@ def test_soak_slope_and_roles_by_hand():
     assert soak.slope_per_hour([5.0], [1.0]) == 0.0
     assert soak.role("python -m torch.distributed.run --standalone launch/learner.py --config c") == "torchrun agent"
     assert soak.role("python launch/learner.py --config c") == "learner"
+    assert soak.role("python -u -m launch.learner --config c") == "learner"  # after launch.as_module
+    assert soak.role("python -m launch.run --config c") == "launcher"
+    assert soak.role("python -m launch.actors --config c --slot 0") == "actor"
     assert soak.role("python launch/actors.py --evaluator --config c") == "evaluator"
     assert soak.role("python launch/actors.py --config c --slot 0") == "actor"
     assert soak.role("python -c from multiprocessing.spawn import spawn_main; spawn_main()") == "verifier"

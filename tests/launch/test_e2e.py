@@ -47,6 +47,12 @@ def procs_mentioning(text: str) -> list[int]:
     return out
 
 
+def learner_workers(run_dir) -> list[int]:
+    """The learner's torchrun workers: ``launch/learner.py`` re-executes itself as
+    ``python -m launch.learner`` (launch/__init__.py), which torchrun's own command line never reads."""
+    return procs_mentioning(f"-m launch.learner --config {run_dir}/config.yaml")
+
+
 def launch(tmp_path, run_dir, steps, extra=()):
     # free ports: a run already on this host (its learner on the default ports) is not joined
     ports = [f"transport.trajectory_addr=tcp://127.0.0.1:{free_port()}",
@@ -80,8 +86,7 @@ def test_run_completes_with_an_actor_killed_midway(tmp_path):
             m = run_dir / "metrics.jsonl"
             if killed is None and m.exists() and len(m.read_text().splitlines()) >= 2:
                 pids = procs_mentioning(f"{run_dir}/config.yaml --slot 0")
-                learners = [q for q in procs_mentioning(f"launch/learner.py --config {run_dir}/config.yaml")
-                            if "torch.distributed.run" not in Path(f"/proc/{q}/cmdline").read_text()]
+                learners = learner_workers(run_dir)
                 evaluators = procs_mentioning(f"--evaluator --config {run_dir}/config.yaml")
                 if pids and learners and evaluators:
                     where = {"actor": placed(min(pids)), "learner": placed(learners[0]),
@@ -220,8 +225,7 @@ def test_hostile_groups_garbage_and_a_killed_learner_the_run_completes(tmp_path)
                     s.close()
             if killed is None and rows and rows[-1].get("system/ingest/rejected", 0) >= sent > 0 \
                     and rows[-1].get("system/transport/rejected", 0) > 0 and (run_dir / "checkpoints").exists():
-                workers = [pid for pid in procs_mentioning(f"learner.py --config {run_dir}/config.yaml")
-                           if pid not in procs_mentioning("torch.distributed.run")]
+                workers = learner_workers(run_dir)
                 if workers:
                     killed = rows[-1]["step"]
                     for pid in workers:

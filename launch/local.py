@@ -32,7 +32,10 @@ Contract
    ``held-out accuracy: A% -> B% in N steps`` (A: the starting policy; B: the mean of
    the last ``eval.last_n`` evaluations; sampled at ``eval.temperature``), greedy beside it,
    then ``wall time: T s (...)``. With ``run.deterministic`` the first line repeats exactly.
-Returns the summary dict; raises ``RuntimeError`` when the learner fails.
+6. A run that cannot finish is stopped with an error: when every local actor has exited
+   (prompts ran out, or given up after ``actors.max_restarts``) and the learner, short of
+   ``run.steps``, trains no new step for ``run.actors_gone_grace_s`` (``_ActorWatch``).
+Returns the summary dict; raises ``RuntimeError`` when the learner fails or the run stalls.
 Not covered: several machines (start ``launch/learner.py`` with torchrun and
 ``launch/actors.py`` on each actor host), GPU placement beyond ``CUDA_VISIBLE_DEVICES``.
 """
@@ -80,6 +83,37 @@ def _stop(proc: subprocess.Popen | None, grace_s: float, name: str) -> None:
         proc.wait(timeout=10)
     except subprocess.TimeoutExpired:  # pragma: no cover
         log.error("%s survived SIGKILL", name)
+
+
+class _ActorWatch:
+    """Tells when a run can no longer finish: every local actor has exited (finished: its
+    prompts ran out or it was told to stop; or given up after ``actors.max_restarts``) while the
+    learner, short of ``run.steps``, has logged no new step for ``grace_s``. Without this the
+    learner would wait for data forever. Runs whose actors live on other hosts (``actors.num``
+    = 0 here) are not watched."""
+
+    def __init__(self, num_actors: int, steps: int, grace_s: float):
+        self.num_actors, self.steps, self.grace_s = num_actors, steps, grace_s
+        self._since: tuple[float, int] | None = None  # (when the actors were all gone, step then)
+
+    def stalled(self, actors_active: bool, step: int, now: float | None = None) -> str | None:
+        """None while the run can go on; else why it cannot."""
+        now = time.monotonic() if now is None else now
+        if actors_active or self.num_actors == 0 or step >= self.steps:
+            self._since = None
+            return None
+        if self._since is None or self._since[1] != step:  # the learner still trains what it has
+            self._since = (now, step)
+            return None
+        if now - self._since[0] < self.grace_s:
+            return None
+        return (f"every actor has exited while the learner is at step {step} of {self.steps} and has "
+                f"trained nothing new for {now - self._since[0]:.0f} s")
+
+
+def _last_step(run_dir: Path) -> int:
+    rows = read_rows(run_dir / "metrics.jsonl")
+    return int(rows[-1]["step"]) if rows else 0
 
 
 def summarize(run_dir: Path, last_n: int, steps: int, seconds: float) -> dict:
@@ -256,6 +290,8 @@ def run_local(cfg, *, nproc_per_node: int = 1, live: bool = True) -> dict:
 
     t0 = time.time()
     rc = None
+    stalled = None
+    watch = _ActorWatch(cfg.actors.num, cfg.run.steps, cfg.run.actors_gone_grace_s)
     learner_restarts = 0
     try:
         learner, sup = start_all(config_path)
@@ -282,7 +318,9 @@ def run_local(cfg, *, nproc_per_node: int = 1, live: bool = True) -> dict:
                     continue
                 if rc is not None:
                     break
-                sup.poll()
+                stalled = watch.stalled(sup.poll(), _last_step(run_dir))
+                if stalled:
+                    break
                 evals = read_rows(run_dir / "eval.jsonl")
                 for ev in evals[seen:]:  # a permanent line per evaluation, above the live line
                     console.print(f"eval v{ev['policy_version']}: held-out accuracy {ev['accuracy']:.3f}"
@@ -295,6 +333,8 @@ def run_local(cfg, *, nproc_per_node: int = 1, live: bool = True) -> dict:
         console.print()
         if interrupted["sig"] is not None:
             console.print(f"[yellow]signal {interrupted['sig']}: stopping every process[/yellow]")
+        elif stalled:
+            console.print(f"[red]{stalled}; stopping the run (see {logs}/actor-*.log)[/red]")
         elif rc != 0:
             console.print(f"[red]learner exited with {rc}; see {logs / 'learner.log'}[/red]")
         else:
@@ -313,6 +353,8 @@ def run_local(cfg, *, nproc_per_node: int = 1, live: bool = True) -> dict:
     elapsed = time.time() - t0
     if interrupted["sig"] is not None:
         raise KeyboardInterrupt(f"stopped by signal {interrupted['sig']}")
+    if stalled:
+        raise RuntimeError(f"{stalled}: the run was stopped; see {logs}/actor-*.log")
     if rc != 0:
         raise RuntimeError(f"the learner exited with {rc}; see {logs / 'learner.log'}")
     metrics = read_rows(run_dir / "metrics.jsonl")

@@ -303,3 +303,54 @@ def test_a_stopped_actor_and_a_dead_evaluator_do_not_stop_training(tmp_path):
     assert summary["last_policy_version"] == 6 and summary["learner_restarts"] == 0
     time.sleep(0.5)
     assert not procs_mentioning(str(run_dir)), "processes of the run are still alive"
+
+
+def test_actor_watch_rule():
+    """launch.local._ActorWatch by hand: it fires only when every actor is gone, the learner is
+    short of its steps and has trained nothing new for the grace period."""
+    from launch.local import _ActorWatch
+
+    w = _ActorWatch(num_actors=1, steps=10, grace_s=5.0)
+    assert w.stalled(True, 3, now=0.0) is None  # actors alive
+    assert w.stalled(False, 3, now=1.0) is None  # gone: the clock starts
+    assert w.stalled(False, 3, now=5.9) is None  # within the grace period
+    assert w.stalled(False, 4, now=6.5) is None  # the learner trained a buffered step: the clock restarts
+    assert w.stalled(False, 4, now=11.0) is None
+    msg = w.stalled(False, 4, now=11.6)
+    assert msg is not None and "step 4 of 10" in msg
+    assert w.stalled(True, 4, now=12.0) is None  # an actor is back (a restart): nothing to say
+    assert w.stalled(False, 10, now=100.0) is None and w.stalled(False, 10, now=200.0) is None  # all steps done
+    remote = _ActorWatch(num_actors=0, steps=10, grace_s=0.0)  # actors on other hosts
+    assert remote.stalled(False, 1, now=0.0) is None and remote.stalled(False, 1, now=50.0) is None
+
+
+def test_a_run_whose_actors_are_all_gone_stops_with_an_error(tmp_path):
+    """The only actor is SIGKILLed with no restarts allowed: the learner would wait for data
+    forever; launch/run.py stops the run after run.actors_gone_grace_s with a clear error and
+    leaves nothing running."""
+    run_dir = tmp_path / "run"
+    p = launch(tmp_path, run_dir, steps=40, extra=["actors.max_restarts=0", "run.actors_gone_grace_s=3"])
+    metrics = run_dir / "metrics.jsonl"
+    killed = None
+    try:
+        deadline = time.monotonic() + 600
+        while p.poll() is None and time.monotonic() < deadline:
+            if killed is None and metrics.exists() and metrics.read_text().strip():
+                pids = procs_mentioning(f"{run_dir}/config.yaml --slot 0")
+                if pids:
+                    killed = time.monotonic()
+                    for pid in pids:
+                        os.kill(pid, signal.SIGKILL)
+            time.sleep(0.2)
+        out = p.communicate(timeout=120)[0]
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert killed is not None, out[-3000:]
+    assert p.returncode == 1, out[-3000:]
+    assert "every actor has exited while the learner is at step" in out, out[-3000:]
+    assert time.monotonic() - killed < 120  # stopped soon, not at the test's deadline
+    rows = [json.loads(x) for x in metrics.read_text().splitlines()]
+    assert rows[-1]["step"] < 40
+    time.sleep(0.5)
+    assert not procs_mentioning(str(run_dir)), "processes of the run are still alive"

@@ -149,15 +149,17 @@ class LossConfig(_Section):
             "'truncate' = token TIS, weight min(ρ, is_cap); "
             "'mask' = drop tokens with ρ outside [1/is_cap, is_cap]; "
             "'seq_truncate' = sequence TIS, every token of a response weighted min(Π ρ, is_cap); "
-            "'seq_mask' = drop a whole response when its geometric-mean ρ, (Π ρ)^(1/n), is outside [is_low, is_high]; "
+            "'seq_mask' = drop a whole response when its geometric-mean ρ, (Π ρ)^(1/n), is outside [seq_is_low, seq_is_high]; "
             "'icepop' = IcePop, weight ρ on tokens with ρ in [is_low, is_high], 0 outside; "
             "'decoupled' = AReaL's decoupled PPO, weight ρ (π_prox/μ) on tokens with ρ <= is_cap, 0 above (AReaL filters, truncate caps). "
             "Not 'none' => π_old is recomputed by the learner (the proximal policy of decoupled PPO). [enum]"
         ),
     )
     is_cap: float = Field(2.0, ge=1.0, description="Importance-weight cap C of truncate, mask, seq_truncate and decoupled. [dimensionless]")
-    is_low: float = Field(0.5, ge=0.0, description="Lower bound of the accepted ratio band of icepop (token ρ) and seq_mask (geometric-mean sequence ρ); must be < 1; 0 = no lower bound. [dimensionless]")
-    is_high: float = Field(2.0, gt=0.0, description="Upper bound of the accepted ratio band of icepop (token ρ) and seq_mask (geometric-mean sequence ρ); must be > 1. [dimensionless]")
+    is_low: float = Field(0.5, ge=0.0, description="Lower bound of the accepted token-ratio band of icepop (token ρ); must be < 1; 0 = no lower bound. [dimensionless]")
+    is_high: float = Field(2.0, gt=0.0, description="Upper bound of the accepted token-ratio band of icepop (token ρ); must be > 1. [dimensionless]")
+    seq_is_low: float = Field(0.999, ge=0.0, description="Lower bound of the accepted band of seq_mask on a response's geometric-mean ratio (Π ρ)^(1/n); must be < 1; 0 = no lower bound. Its own band, not icepop's: a geometric mean sits far closer to 1 than a token's ρ (on the embedded task at η = 8 every response's lies inside [0.5, 2], so that band rejects nothing, docs/results.md §5); the default is verl's geometric rejection-sampling preset. [dimensionless]")
+    seq_is_high: float = Field(1.001, gt=0.0, description="Upper bound of seq_mask's band on the geometric-mean ratio; must be > 1 (see seq_is_low). [dimensionless]")
     kl_coef: float = Field(0.0, ge=0.0, description="Coefficient of the KL(π_θ‖π_ref) penalty added to the policy loss, a token-level mean like the PPO term (official script: 0). The KL to the reference is logged (loss/kl_k1, loss/kl_k3) whenever a reference model exists. [dimensionless]")
     kl_estimator: Literal["k1", "k3"] = Field("k3", description="Estimator of the KL penalty from the sampled tokens: k1 = log π_θ − log π_ref, k3 = exp(−k1) + k1 − 1 (≥ 0, lower variance). [enum]")
     entropy_coef: float = Field(0.0, ge=0.0, description="Coefficient of the entropy bonus subtracted from the policy loss (token-level mean of the next-token entropy at the sampling temperature; official script: 0). loss/entropy is logged always. [dimensionless]")
@@ -166,7 +168,17 @@ class LossConfig(_Section):
     def _ratio_band(self):
         if not (self.is_low < 1.0 < self.is_high):
             raise ValueError(f"need loss.is_low < 1 < loss.is_high, got loss.is_low={self.is_low}, loss.is_high={self.is_high}")
+        if not (self.seq_is_low < 1.0 < self.seq_is_high):
+            raise ValueError(f"need loss.seq_is_low < 1 < loss.seq_is_high, got loss.seq_is_low={self.seq_is_low}, "
+                             f"loss.seq_is_high={self.seq_is_high}")
         return self
+
+    def band(self) -> tuple[float, float]:
+        """The (low, high) ratio band of the configured correction: seq_mask's own on the
+        geometric-mean ratio, else icepop's on the token ratio (unused by the other modes)."""
+        if self.correction == "seq_mask":
+            return self.seq_is_low, self.seq_is_high
+        return self.is_low, self.is_high
 
 
 class OptimizerConfig(_Section):

@@ -461,7 +461,10 @@ def importance_weights(
                     Weight 1 inside (a rejection, not a reweighting). A row with no
                     response token has S/n := 0 (ratio 1).
 
-    Args: old_logp, behav_logp, mask: [B, T]; is_cap ≥ 1; 0 ≤ is_low < 1 < is_high.
+    Args: old_logp, behav_logp, mask: [B, T]; is_cap ≥ 1; 0 ≤ is_low < 1 < is_high: the
+    band of the mode that has one (the trainer passes ``LossConfig.band()``: loss.is_low/is_high
+    for icepop's token ρ, loss.seq_is_low/seq_is_high for seq_mask's geometric mean, which
+    sits orders of magnitude closer to 1).
     Returns (all [B, T], detached, zero/False on padding):
       w: the weight; dropped: bool, tokens the rule zeroes (only in mask, seq_mask, icepop,
       decoupled); capped: bool, tokens whose weight was cut down to is_cap (truncate,

@@ -377,6 +377,7 @@ def policy_phase(models: Models, batch: RolloutBatch, adv: torch.Tensor, old_lp:
     mini-batches ``mini`` (row indices), each one optimiser step with gradient clipping;
     fills ``old_lp``'s rows from the first forward when ``first_from_policy``."""
     cfg, lc, temp = ctx.cfg, ctx.cfg.loss, ctx.temp
+    band = lc.band()
     stats = PolicyStats()
 
     def pol_loss(model, micro, rows, normalizer, sub_idx, at_old):
@@ -389,7 +390,7 @@ def policy_phase(models: Models, batch: RolloutBatch, adv: torch.Tensor, old_lp:
         loss, met = policy_loss(
             lp, old_lp[idx][:, :T], batch.behav_logp[idx][:, :T], adv[idx][:, :T], micro.mask,
             clip_eps=lc.clip_eps, correction=lc.correction, is_cap=lc.is_cap, normalizer=normalizer,
-            is_low=lc.is_low, is_high=lc.is_high,
+            is_low=band[0], is_high=band[1],
         )
         kl = None
         if ref_pol_lp is not None:

@@ -414,3 +414,25 @@ def test_prime_step_recomputes_pi_old_and_runs(correction, monkeypatch):
         for k, v in m.items():
             assert v == v and abs(v) != float("inf"), (k, v)
     assert counts[correction] == counts["none"] + 1  # π_old recomputed for every mode but none
+
+
+def test_seq_mask_has_its_own_band():
+    """LossConfig.band(): seq_mask reads loss.seq_is_low/seq_is_high (default verl's geometric
+    preset [0.999, 1.001]), icepop loss.is_low/is_high; both validated. With the token band
+    [0.5, 2] a response whose tokens drift by 1% each is kept, with seq_mask's default dropped."""
+    tiny = ROOT / "configs" / "tiny.yaml"
+    assert LossConfig(correction="seq_mask").band() == (0.999, 1.001)
+    assert LossConfig(correction="icepop").band() == (0.5, 2.0)
+    cfg = load_config(tiny, ["loss.correction=seq_mask", "loss.seq_is_low=0.9", "loss.seq_is_high=1.2"])
+    assert cfg.loss.band() == (0.9, 1.2)
+    for bad in ("loss.seq_is_low=1.0", "loss.seq_is_high=0.99"):
+        with pytest.raises(ConfigError, match="seq_is"):
+            load_config(tiny, [bad])
+    mask = torch.ones(2, 30)
+    behav = torch.full((2, 30), -1.0)
+    old = behav.clone()
+    old[0] += math.log(1.01)  # row 0: every token ρ = 1.01, geometric mean 1.01
+    for band, kept0 in (((0.5, 2.0), True), (LossConfig(correction="seq_mask").band(), False)):
+        w, dropped, _ = importance_weights(old, behav, mask, "seq_mask", is_low=band[0], is_high=band[1])
+        assert bool(w[0].eq(1).all()) is kept0 and bool(dropped[0].any()) is (not kept0)
+        assert bool(w[1].eq(1).all()) and not bool(dropped[1].any())  # ρ = 1 exactly: always kept

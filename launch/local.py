@@ -111,9 +111,9 @@ class _ActorWatch:
                 f"trained nothing new for {now - self._since[0]:.0f} s")
 
 
-def _last_step(run_dir: Path) -> int:
-    rows = read_rows(run_dir / "metrics.jsonl")
-    return int(rows[-1]["step"]) if rows else 0
+def _rows(run_dir: Path) -> tuple[list[dict], list[dict]]:
+    """The run's ``metrics.jsonl`` and ``eval.jsonl`` rows, read once per refresh."""
+    return read_rows(run_dir / "metrics.jsonl"), read_rows(run_dir / "eval.jsonl")
 
 
 def summarize(run_dir: Path, last_n: int, steps: int, seconds: float) -> dict:
@@ -182,12 +182,11 @@ def plot(run_dir: Path) -> Path | None:
     return out
 
 
-def _view(run_dir: Path, sup, t0: float, steps: int, learner_restarts: int = 0):
-    """One line per refresh: step, version, reward, held-out accuracy, tokens/s, lag, actors."""
+def _view(m: list[dict], e: list[dict], sup, t0: float, steps: int, learner_restarts: int = 0):
+    """One line per refresh from the metrics rows ``m`` and evaluation rows ``e``: step,
+    version, reward, held-out accuracy, tokens/s, lag, actors."""
     from rich.text import Text
 
-    m = read_rows(run_dir / "metrics.jsonl")
-    e = read_rows(run_dir / "eval.jsonl")
     last = m[-1] if m else {}
 
     def f(key, fmt="{:.3f}"):
@@ -297,7 +296,7 @@ def run_local(cfg, *, nproc_per_node: int = 1, live: bool = True) -> dict:
         learner, sup = start_all(config_path)
         console.print(f"learner (torchrun, {nproc_per_node} rank(s)), {cfg.actors.num} actor(s)"
                       f"{' and the evaluator' if 'evaluator' in procs else ''} started; logs in {logs}")
-        with Live(_view(run_dir, sup, t0, cfg.run.steps, learner_restarts), console=console, refresh_per_second=1,
+        with Live(_view(*_rows(run_dir), sup, t0, cfg.run.steps, learner_restarts), console=console, refresh_per_second=1,
                   transient=not live, auto_refresh=False) as view:
             seen = 0
             while interrupted["sig"] is None:
@@ -318,18 +317,18 @@ def run_local(cfg, *, nproc_per_node: int = 1, live: bool = True) -> dict:
                     continue
                 if rc is not None:
                     break
-                stalled = watch.stalled(sup.poll(), _last_step(run_dir))
+                metrics, evals = _rows(run_dir)
+                stalled = watch.stalled(sup.poll(), int(metrics[-1]["step"]) if metrics else 0)
                 if stalled:
                     break
-                evals = read_rows(run_dir / "eval.jsonl")
                 for ev in evals[seen:]:  # a permanent line per evaluation, above the live line
                     console.print(f"eval v{ev['policy_version']}: held-out accuracy {ev['accuracy']:.3f}"
                                   + (f", greedy {ev['greedy_accuracy']:.3f}" if "greedy_accuracy" in ev else "")
                                   + f" ({ev['n']} samples, {ev['seconds']:.0f} s)")
                 seen = len(evals)
-                view.update(_view(run_dir, sup, t0, cfg.run.steps, learner_restarts), refresh=True)
+                view.update(_view(metrics, evals, sup, t0, cfg.run.steps, learner_restarts), refresh=True)
                 time.sleep(1.0)
-            view.update(_view(run_dir, sup, t0, cfg.run.steps, learner_restarts), refresh=True)
+            view.update(_view(*_rows(run_dir), sup, t0, cfg.run.steps, learner_restarts), refresh=True)
         console.print()
         if interrupted["sig"] is not None:
             console.print(f"[yellow]signal {interrupted['sig']}: stopping every process[/yellow]")

@@ -192,6 +192,8 @@ def main(argv=None) -> dict:
         f"batch.micro_batch_tokens={args.micro_batch_tokens}", f"prime.prm_update={args.prm_update}",
         f"loss.correction={args.correction}", "checkpoint.every=0", "checkpoint.save_hf=false",
         "async.weight_sync=shm", f"generation.max_tokens={args.resp_len}", *frozen_prm(args, model_dir, tmp),
+        # the phases in sequence, so each phase's seconds are its own passes' (MFU per phase)
+        "placement.prm_thread=false",
     ])
     sender = None
     if rank == 0 and args.weight_sync == "shm":

@@ -15,7 +15,11 @@ two flips every step so a shared machine's load drifts fall on both alike. Threa
 
 Phases from the step's own timers: ``prm`` (reference forward + PRM update; the rewards
 come from the PRM's training forward in prm_update=after), ``old_logp`` (π_old, when
-loss.correction needs it), ``policy`` (policy forward/backward). Figures are medians over
+loss.correction needs it), ``policy`` (policy forward/backward), ``prm_wait`` (the end of
+the step waiting for the PRM's update on the side thread, ``placement.prm_thread``: with it
+the ``prm`` phase is only the reference and PRM forwards, which run side by side, and the
+PRM's backward runs during ``policy``). The learner's time is their sum: the step's wall
+time. ``--sequential`` runs PRIME with ``placement.prm_thread=false`` as a third learner. Figures are medians over
 the timed steps; the last line is ``ratio R`` = PRIME's learner seconds per step over
 RLOO's (the issue's goal: R ≤ 1.3).
 """
@@ -34,7 +38,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if __name__ == "__main__" and not __package__:  # started as a file: re-run as a module (launch/__init__.py)
     __import__("launch").as_module(__file__)
 
-PHASES = {"prm": "time/prm_s", "old_logp": "time/old_logp_s", "policy": "time/policy_s"}
+PHASES = {"prm": "time/prm_s", "old_logp": "time/old_logp_s", "policy": "time/policy_s",
+          "prm_wait": "time/prm_wait_s"}
 
 
 def default_policy(cfg) -> str:
@@ -90,6 +95,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--groups", type=int, default=None, help="groups per step (default: batch.prompts_per_step)")
     ap.add_argument("--prompt-len", type=int, default=20, help="[tokens]")
     ap.add_argument("--resp-len", type=int, default=None, help="longest response (default: generation.max_tokens) [tokens]")
+    ap.add_argument("--sequential", action="store_true",
+                    help="also PRIME with placement.prm_thread=false (the phases in sequence)")
+    ap.add_argument("--rloo-threads", type=int, default=0,
+                    help="also RLOO with this many torch threads (does a second core help it too?) [threads]")
     ap.add_argument("--output", help="write the figures here (JSON)")
     ap.add_argument("overrides", nargs="*", help="config overrides for both learners (key=value)")
     args = ap.parse_args(argv)
@@ -109,12 +118,24 @@ def main(argv=None) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="prime-overhead-"))
     learners = {"prime": learner_for(args.config, overrides, tmp / "prime", []),
                 "rloo": learner_for(args.config, overrides, tmp / "rloo", ["prime.use_process_rewards=false"])}
+    threads = {name: args.threads for name in learners}
+    if args.sequential:
+        learners["prime-seq"] = learner_for(args.config, overrides, tmp / "prime-seq", ["placement.prm_thread=false"])
+        threads["prime-seq"] = args.threads
+    if args.rloo_threads:
+        name = f"rloo-{args.rloo_threads}t"
+        learners[name] = learner_for(args.config, overrides, tmp / name, ["prime.use_process_rewards=false"])
+        threads[name] = args.rloo_threads
     vocab = learners["prime"].models.policy.get_input_embeddings().num_embeddings
     rows: dict[str, list[dict]] = {name: [] for name in learners}
     for s in range(args.warmup + args.steps):
         groups = synthetic_groups(groups_n, cfg.generation.k, vocab, args.prompt_len, resp_len, seed=s)
-        order = list(learners) if s % 2 == 0 else list(reversed(learners))
+        names = list(learners)
+        order = names[s % len(names):] + names[: s % len(names)]  # rotate: load drifts fall on all alike
+        if (s // len(names)) % 2:
+            order.reverse()
         for name in order:
+            torch.set_num_threads(threads[name])
             r = step_seconds(learners[name], groups)
             if s >= args.warmup:
                 rows[name].append(r)
@@ -123,9 +144,12 @@ def main(argv=None) -> dict:
     ratio = med["prime"]["learner"] / med["rloo"]["learner"]
     print(f"learner seconds per step, median of {args.steps} interleaved steps, {args.threads} thread(s), "
           f"{groups_n}x{cfg.generation.k} responses (prompt {args.prompt_len}, responses ≤ {resp_len} tokens)")
-    print("| phase | PRIME s | RLOO s |\n|---|---:|---:|")
+    print("| phase | " + " | ".join(f"{n} s" for n in med) + " |\n|---|" + "---:|" * len(med))
     for ph in (*PHASES, "learner"):
-        print(f"| {ph} | {med['prime'][ph]:.3f} | {med['rloo'][ph]:.3f} |")
+        print(f"| {ph} | " + " | ".join(f"{med[n][ph]:.3f}" for n in med) + " |")
+    for name in med:
+        if name not in ("prime", "rloo"):
+            print(f"{name}: {med[name]['learner'] / med['rloo']['learner']:.3f} x RLOO's learner time")
     out = {"medians": med, "steps": rows, "ratio": ratio,
            "args": {k: v for k, v in vars(args).items()}}
     if args.output:

@@ -338,6 +338,7 @@ class PlacementConfig(_Section):
     learner_cpus: str = Field("", description=f"{_CPUS} for the learner ranks, shared out among the local ranks; '' = where the OS puts them. [CPU list]")
     learner_threads: int | None = Field(None, ge=1, description="torch intra-op threads of one learner rank; None = one per CPU of its share, or torch's default (OMP_NUM_THREADS; launch/run.py sets 1) without one. [threads]")
     learner_nice: int = Field(0, ge=0, le=19, description="Niceness of the learner ranks (higher yields the CPU to others). [nice level]")
+    prm_thread: bool = Field(True, description="Run the PRM work that the policy update does not wait for on a second thread of each learner rank: the reference forward beside the PRM's forward, and (prime.prm_update=after) the PRM's backward and optimiser step beside the advantages and the policy update (learner/side_thread.py). Same results as in sequence; on CPUs it uses a second core. Off with model.parallel=fsdp2. [bool]")
     actor_cpus: str = Field("", description=f"{_CPUS} for the actor processes, shared out among actors.num; '' = where the OS puts them. [CPU list]")
     actor_threads: int | None = Field(1, ge=1, description="torch threads of one actor process (transformers engine, verification helpers); None = one per CPU of its share. [threads]")
     actor_nice: int = Field(0, ge=0, le=19, description="Niceness of the actor processes. [nice level]")

@@ -6,7 +6,7 @@ Contract
 - ``build_models(cfg, device)`` loads the policy and the PRM in ``model.master_dtype`` and
   the frozen reference in ``model.dtype``; with ``model.parallel: fsdp2`` and a process
   group it shards all three (``apply_fsdp2``), else it wraps the trainable ones in DDP when
-  world > 1; the optimisers (AdamW) are built after that. ``compute_dtype`` is the
+  world > 1 (the PRM on its own process group, ``prm_group``); the optimisers (AdamW) are built after that. ``compute_dtype`` is the
   autocast dtype of plain/DDP forwards.
 - ``full_state_dict`` gives whole weights (FSDP2: a collective, rank 0 gets them);
   ``cast_weights`` casts them to the serving dtype keeping tied tensors tied; ``unwrap``
@@ -30,7 +30,7 @@ from learner.distributed import is_sharded, world
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Models", "apply_fsdp2", "build_models", "cast_weights", "compute_dtype", "full_state_dict", "unwrap"]
+__all__ = ["Models", "apply_fsdp2", "build_models", "cast_weights", "compute_dtype", "full_state_dict", "prm_group", "unwrap"]
 
 
 @dataclass
@@ -109,9 +109,16 @@ def build_models(cfg: PrimeRunConfig, device: torch.device) -> Models:
         log.info("model.parallel=fsdp2 without a process group: plain models (world 1)")
     elif W > 1:
         policy = torch.nn.parallel.DistributedDataParallel(policy)
-        prm = torch.nn.parallel.DistributedDataParallel(prm) if prm is not None else None
+        # the PRM's own group: its gradient all-reduce may run on the side thread (learner.side_thread)
+        # beside the policy's on the default group
+        prm = torch.nn.parallel.DistributedDataParallel(prm, process_group=prm_group()) if prm is not None else None
     return Models(policy, prm, ref, adamw(policy.parameters(), cfg.optim.policy),
                   adamw(prm.parameters(), cfg.optim.prm) if prm is not None else None)
+
+
+def prm_group():
+    """A process group of every rank, for the PRM's DDP (a collective: every rank calls it)."""
+    return dist.new_group(list(range(dist.get_world_size())))
 
 
 def cast_weights(state: dict, dtype: torch.dtype) -> dict:

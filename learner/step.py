@@ -30,6 +30,12 @@ Contract
   ``loss.correction`` is not ``none``) -> ``reference_logp_phase`` (the KL's log π_ref) ->
   ``policy_phase`` (mini-batch updates with gradient clipping, sums in ``PolicyStats``) ->
   ``step_metrics``. The caller bumps ``policy_version`` and broadcasts weights.
+- ``placement.prm_thread`` (``learner.side_thread``): the reference forward runs on a
+  second thread beside the PRM's forward, and with ``prm_update: after`` the last PRM
+  mini-batch's backward and optimiser step run there beside the advantage, π_old and
+  policy phases; the step waits for them before ``step_metrics`` (``time/prm_wait_s``), so
+  its results are the sequential ones exactly. ``time/prm_s`` is then the time until the
+  process rewards exist, not the PRM's whole work.
 - Precision (``compute_dtype``): with ``model.dtype`` bfloat16/float16 and float32
   ``model.master_dtype``, the trainable models hold fp32 parameters (masters), gradients and
   optimiser state; plain/DDP forwards run under ``torch.autocast(dtype)``, FSDP2 modules
@@ -42,6 +48,7 @@ weight broadcast, checkpoints (``learner.trainer``).
 from __future__ import annotations
 
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import torch
@@ -65,6 +72,7 @@ from learner.prime import (
     rloo_returns,
 )
 from learner.rollout import RolloutBatch
+from learner.side_thread import done, overlap_ok, side_executor, wait
 
 
 # π_old from forwards the step runs anyway (the first mini-batch's policy forward; the
@@ -127,14 +135,18 @@ def warmup_lr(base_lr: float, step: int, warmup_steps: int) -> float:
     return base_lr if warmup_steps <= 0 else base_lr * min(1.0, (step + 1) / warmup_steps)
 
 
-def _train_minibatch(model, opt, sub: RolloutBatch, loss_fn, normalizer, grad_clip, budget, W, ocfg=None):
+def _train_minibatch(model, opt, sub: RolloutBatch, loss_fn, normalizer, grad_clip, budget, W, ocfg=None,
+                     side=None):
     """Accumulate grads over micro-batches of ``sub``; one optimiser step, at the learning
     rate of ``ocfg``'s warm-up (``optim.*``) when given. Returns (loss sum, grad norm,
-    per-row outputs of loss_fn's second value)."""
-    if ocfg is not None:
-        lr = warmup_lr(ocfg.lr, optimizer_steps(opt), ocfg.warmup_steps)
-        for group in opt.param_groups:
-            group["lr"] = lr
+    per-row outputs of loss_fn's second value).
+
+    ``side`` (``learner.side_thread``; plain or DDP modules only): the backward passes and
+    the clipping + optimiser step run on that thread, each forward here waiting for the
+    previous backward; the grad norm is then a Future, and the update is done when it is."""
+    if side is not None:
+        return _train_minibatch_side(model, opt, sub, loss_fn, normalizer, grad_clip, budget, W, ocfg, side)
+    _set_lr(opt, ocfg)
     opt.zero_grad(set_to_none=True)
     mbs = _micro_batches(sub, budget)
     # FSDP2: every rank runs the same number of forward/backward pairs (at least one, so
@@ -160,6 +172,39 @@ def _train_minibatch(model, opt, sub: RolloutBatch, loss_fn, normalizer, grad_cl
     return total, float(gnorm), extras
 
 
+def _set_lr(opt, ocfg) -> None:
+    if ocfg is not None:
+        lr = warmup_lr(ocfg.lr, optimizer_steps(opt), ocfg.warmup_steps)
+        for group in opt.param_groups:
+            group["lr"] = lr
+
+
+def _train_minibatch_side(model, opt, sub, loss_fn, normalizer, grad_clip, budget, W, ocfg, side):
+    """``_train_minibatch`` with its backwards and optimiser step on the ``side`` thread."""
+    _set_lr(opt, ocfg)
+    opt.zero_grad(set_to_none=True)
+    mbs = _micro_batches(sub, budget)
+    total, extras, pending = 0.0, [], None
+    for i, rows in enumerate(mbs):
+        micro = sub.take(rows)
+        wait(pending)  # DDP: a forward must not prepare the reducer while a backward runs
+        with no_sync(model, last=i == len(mbs) - 1):  # DDP decides at forward time whether to sync
+            loss, extra = loss_fn(model, micro, rows, normalizer)
+        total += float(loss.detach())
+        extras.append((rows, extra))
+        pending = side.submit(lambda t=loss * W: t.backward())
+    if not mbs:  # an empty share still joins DDP's all-reduce
+        pending = side.submit(lambda: (sum(p.sum() * 0 for p in model.parameters()) * W).backward())
+
+    def finish(prev=pending):
+        wait(prev)
+        gnorm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip))
+        opt.step()
+        return gnorm
+
+    return total, side.submit(finish), extras
+
+
 @dataclass(frozen=True)
 class _Ctx:
     """What every phase of one step reads."""
@@ -172,6 +217,7 @@ class _Ctx:
     rank: int
     W: int                       # world size
     use_prm: bool
+    overlap: bool = False        # PRM work on the side thread (learner.side_thread)
 
     def per_rank_groups(self, responses: int) -> int:
         """Groups of a mini-batch of ``responses`` responses that this rank trains on."""
@@ -189,6 +235,7 @@ class PrmOut:
     ref_lp: torch.Tensor | None      # [B, T] log π_ref at temperature 1 (None without the PRM)
     q: torch.Tensor | None           # [B, T] implicit process rewards (None without the PRM)
     ce_loss: float | None = None     # mean PRM cross-entropy over its mini-batches, all ranks
+    pending: Future | None = None    # the PRM's last optimiser step, still running on the side thread
 
 
 @dataclass
@@ -251,63 +298,78 @@ def prime_step(models: Models, batch: RolloutBatch, cfg: PrimeRunConfig, policy_
     PRM (reference forward, PRM update, process rewards) -> advantages -> π_old ->
     reference log-probs for the KL -> policy update -> metrics."""
     rank, W = world()
+    use_prm = cfg.prime.use_process_rewards and models.prm is not None
     ctx = _Ctx(cfg, batch.group_size, cfg.generation.temperature, cfg.batch.micro_batch_tokens,
-               compute_dtype(cfg), rank, W, cfg.prime.use_process_rewards and models.prm is not None)
+               compute_dtype(cfg), rank, W, use_prm, use_prm and overlap_ok(models, cfg.placement.prm_thread))
     t0 = _clock(batch.mask)
     prm = prm_phase(models, batch, ctx)
-    t_prm = _clock(batch.mask)
-    adv = advantage_phase(batch, prm.q, ctx)
-    gl = ctx.per_rank_groups(cfg.batch.policy_mini_batch)
-    mini = [torch.as_tensor(ctx.rows_of(groups)) for groups in _mini_batches(batch.num_groups, gl)]
-    old_lp, first_from_policy = old_logp_phase(models, batch, prm, mini, ctx)
-    t_old = _clock(batch.mask)
-    ref_pol_lp = reference_logp_phase(models, batch, prm, ctx)
-    stats = policy_phase(models, batch, adv.adv, old_lp, ref_pol_lp, mini, first_from_policy, ctx)
-    t_pol = _clock(batch.mask)
+    try:
+        t_prm = _clock(batch.mask)
+        adv = advantage_phase(batch, prm.q, ctx)
+        gl = ctx.per_rank_groups(cfg.batch.policy_mini_batch)
+        mini = [torch.as_tensor(ctx.rows_of(groups)) for groups in _mini_batches(batch.num_groups, gl)]
+        old_lp, first_from_policy = old_logp_phase(models, batch, prm, mini, ctx)
+        t_old = _clock(batch.mask)
+        ref_pol_lp = reference_logp_phase(models, batch, prm, ctx)
+        stats = policy_phase(models, batch, adv.adv, old_lp, ref_pol_lp, mini, first_from_policy, ctx)
+        t_pol = _clock(batch.mask)
+    finally:  # the PRM's update is part of this step, whatever happened meanwhile
+        wait(prm.pending)
+    t_wait = _clock(batch.mask)
     m = step_metrics(models, batch, prm, adv, stats, ref_pol_lp is not None, policy_version, ctx)
     m["time/prm_s"] = t_prm - t0
     m["time/old_logp_s"] = t_old - t_prm
     m["time/policy_s"] = t_pol - t_old
+    m["time/prm_wait_s"] = t_wait - t_pol
     return m
 
 
 def prm_phase(models: Models, batch: RolloutBatch, ctx: _Ctx) -> PrmOut:
     """The reference forward, the PRM's cross-entropy update (``prime.prm_update``: after |
     before | none) and the implicit process rewards q (Eq. 3): with ``after`` they come from
-    the forwards that trained the PRM, otherwise from a forward of the (updated) PRM."""
+    the forwards that trained the PRM, otherwise from a forward of the (updated) PRM.
+
+    With ``ctx.overlap`` the reference forward runs on the side thread beside the PRM's first
+    forward, and with ``after`` the last mini-batch's backward and optimiser step stay there
+    when this returns (``PrmOut.pending``; ``prime_step`` waits for it at its end)."""
     if not ctx.use_prm:
         return PrmOut(None, None)
     cfg, pc, budget, cdt = ctx.cfg, ctx.cfg.prime, ctx.budget, ctx.cdt
+    side = side_executor() if ctx.overlap else None
     ref_model = models.ref if models.ref is not None else models.policy  # ref = π_old at temperature 1
-    ref_lp = batch_logprobs(ref_model, batch, 1.0, budget, cdt)
+    ref_job = (side.submit(batch_logprobs, ref_model, batch, 1.0, budget, cdt) if side is not None
+               else done(batch_logprobs(ref_model, batch, 1.0, budget, cdt)))
     q = torch.zeros_like(batch.mask)
-    prm_losses = []
+    prm_losses, pending = [], None
 
-    def prm_loss(model, micro, rows, normalizer, sub_ref):
+    def prm_loss(model, micro, rows, normalizer, sub_rows):
         lp = token_logprobs(model, micro.input_ids, micro.attention_mask, 1.0, cdt)
-        r = sub_ref[rows][:, : lp.shape[1]]
+        r = wait(ref_job)[sub_rows][rows][:, : lp.shape[1]]
         loss = prm_ce_loss(lp, r, micro.mask, micro.outcome, pc.beta, normalizer=normalizer)
         return loss, implicit_process_rewards(lp.detach(), r, micro.mask)
 
     if pc.prm_update in ("after", "before"):
-        for groups in _mini_batches(batch.num_groups, ctx.per_rank_groups(cfg.batch.prm_mini_batch)):
+        prm_mbs = _mini_batches(batch.num_groups, ctx.per_rank_groups(cfg.batch.prm_mini_batch))
+        for j, groups in enumerate(prm_mbs):
             rows = ctx.rows_of(groups)
             sub = batch.take(rows)
-            sub_ref = ref_lp[rows][:, : sub.mask.shape[1]]
-            loss, _, extras = _train_minibatch(
+            loss, gnorm, extras = _train_minibatch(
                 models.prm, models.prm_opt, sub,
-                lambda mo, mi, r, n: prm_loss(mo, mi, r, n, sub_ref),
+                lambda mo, mi, r, n, rows=rows: prm_loss(mo, mi, r, n, rows),
                 normalizer=float(cfg.batch.prm_mini_batch), grad_clip=cfg.optim.prm.grad_clip,
                 budget=budget, W=ctx.W, ocfg=cfg.optim.prm,
+                # only the last update can trail: every earlier one is read by the next forward
+                side=side if pc.prm_update == "after" and j == len(prm_mbs) - 1 else None,
             )
+            pending = gnorm if isinstance(gnorm, Future) else None
             prm_losses.append(loss)
             for mrows, qq in extras:  # "after": rewards from the forward that trained
                 idx = torch.as_tensor(rows)[mrows]
                 q[idx, : qq.shape[1]] = qq
     if pc.prm_update in ("before", "none"):
-        q = implicit_process_rewards(batch_logprobs(models.prm, batch, 1.0, budget, cdt), ref_lp, batch.mask)
+        q = implicit_process_rewards(batch_logprobs(models.prm, batch, 1.0, budget, cdt), wait(ref_job), batch.mask)
     ce = float(all_reduce(torch.tensor(sum(prm_losses) / len(prm_losses)))) if prm_losses else None
-    return PrmOut(ref_lp, q, ce)
+    return PrmOut(wait(ref_job), q, ce, pending)
 
 
 def advantage_phase(batch: RolloutBatch, q: torch.Tensor | None, ctx: _Ctx) -> Advantages:

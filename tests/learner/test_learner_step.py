@@ -19,6 +19,7 @@ from common.config import load_config  # noqa: E402
 from learner.distributed import close_dist, shard_groups  # noqa: E402
 from learner.models import Models  # noqa: E402
 from learner.rollout import build_batch  # noqa: E402
+from learner.side_thread import overlap_ok  # noqa: E402
 from learner.step import prime_step  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -179,13 +180,21 @@ def _rank_main(rank, world, port, overrides, out_dir, parallel="ddp", kind="even
         mesh = init_device_mesh("cpu", (world,))
         models = make_models(cfg, wrap=lambda m: apply_fsdp2(m, mesh))
     else:
+        from learner.models import prm_group
+
         models = make_models(cfg)
         models.policy = torch.nn.parallel.DistributedDataParallel(models.policy)
-        models.prm = torch.nn.parallel.DistributedDataParallel(models.prm)
+        on_world = Models(models.policy, torch.nn.parallel.DistributedDataParallel(copy.deepcopy(models.prm)),
+                          models.ref, models.policy_opt, models.prm_opt)
+        overlap_world = overlap_ok(on_world, True)  # its all-reduce would race the policy's
+        del on_world
+        models.prm = torch.nn.parallel.DistributedDataParallel(models.prm, process_group=prm_group())
+    overlap = overlap_ok(models, True)  # placement.prm_thread is on in these runs
     batch = build_batch(_groups(kind))
     mine = batch.groups(shard_groups(batch.num_groups, rank, world))
     m = prime_step(models, mine, cfg, policy_version=0)
-    out = {"policy": params(models.policy), "prm": params(models.prm), "metrics": m}
+    out = {"policy": params(models.policy), "prm": params(models.prm), "metrics": m, "overlap": overlap,
+           "overlap_world": overlap_world if parallel != "fsdp2" else None}
     torch.save(out, f"{out_dir}/rank{rank}.pt")
     del models  # DDP/FSDP2 hold the group: dropped first, then it is destroyed cleanly
     close_dist()
@@ -202,6 +211,8 @@ def test_one_rank_and_two_ranks_agree(tmp_path, prm_update):
 
     tmp.start_processes(_rank_main, args=(2, _free_port(), overrides, str(tmp_path)), nprocs=2, start_method="spawn")
     r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    # the PRM's DDP on its own group: its update ran on the side thread; on the default group it may not
+    assert r0["overlap"] and r1["overlap"] and r0["overlap_world"] is False
     assert torch.equal(r0["policy"], r1["policy"])  # replicas stay identical
     p0 = params(make_models(cfg).policy)
     assert (p1 - p0).abs().max() > 1e-5  # the step did something measurable
@@ -235,6 +246,7 @@ def test_fsdp2_matches_one_rank(tmp_path, world, kind, prm_update):
     tmp.start_processes(_rank_main, args=(world, _free_port(), overrides, str(tmp_path), "fsdp2", kind),
                         nprocs=world, start_method="spawn")
     rs = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+    assert not any(r["overlap"] for r in rs)  # FSDP2: the PRM work stays in sequence
     for r in rs[1:]:
         assert torch.equal(rs[0]["policy"], r["policy"]) and torch.equal(rs[0]["prm"], r["prm"])
     p0 = params(make_models(cfg).policy)

@@ -1,7 +1,8 @@
 """PRIME's learner cost against outcome-only RLOO, side by side in one process, by phase.
 
     .venv/bin/python benchmarks/prime_overhead.py [--config configs/tiny.yaml] [--steps 12]
-        [--threads 1] [--groups 16] [--prompt-len 20] [--resp-len 48] [key=value ...]
+        [--threads 1] [--groups 16] [--prompt-len 20] [--resp-len 48] [--sequential]
+        [--rloo-threads N] [key=value ...]
 
 What runs: two real learners (``learner.trainer.Learner``: ``build_models`` and
 ``prime_step``, no weight publish) built from the same config and the same starting policy

@@ -119,10 +119,9 @@ def main(argv=None) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="prime-overhead-"))
     learners = {"prime": learner_for(args.config, overrides, tmp / "prime", []),
                 "rloo": learner_for(args.config, overrides, tmp / "rloo", ["prime.use_process_rewards=false"])}
-    threads = {name: args.threads for name in learners}
+    threads = {}  # torch threads of a learner other than --threads
     if args.sequential:
         learners["prime-seq"] = learner_for(args.config, overrides, tmp / "prime-seq", ["placement.prm_thread=false"])
-        threads["prime-seq"] = args.threads
     if args.rloo_threads:
         name = f"rloo-{args.rloo_threads}t"
         learners[name] = learner_for(args.config, overrides, tmp / name, ["prime.use_process_rewards=false"])
@@ -136,7 +135,7 @@ def main(argv=None) -> dict:
         if (s // len(names)) % 2:
             order.reverse()
         for name in order:
-            torch.set_num_threads(threads[name])
+            torch.set_num_threads(threads.get(name, args.threads))
             r = step_seconds(learners[name], groups)
             if s >= args.warmup:
                 rows[name].append(r)

@@ -144,65 +144,42 @@ def _train_minibatch(model, opt, sub: RolloutBatch, loss_fn, normalizer, grad_cl
     ``side`` (``learner.side_thread``; plain or DDP modules only): the backward passes and
     the clipping + optimiser step run on that thread, each forward here waiting for the
     previous backward; the grad norm is then a Future, and the update is done when it is."""
-    if side is not None:
-        return _train_minibatch_side(model, opt, sub, loss_fn, normalizer, grad_clip, budget, W, ocfg, side)
-    _set_lr(opt, ocfg)
+    if ocfg is not None:
+        lr = warmup_lr(ocfg.lr, optimizer_steps(opt), ocfg.warmup_steps)
+        for group in opt.param_groups:
+            group["lr"] = lr
     opt.zero_grad(set_to_none=True)
     mbs = _micro_batches(sub, budget)
     # FSDP2: every rank runs the same number of forward/backward pairs (at least one, so
     # gradients exist like DDP's zero-gradient backward below); pads contribute exactly 0
     pad = pad_count(model, len(mbs), at_least=1)
-    total = 0.0
-    extras = []
-    for i, rows in enumerate(mbs):
-        micro = sub.take(rows)
-        with no_sync(model, last=i == len(mbs) - 1):
-            loss, extra = loss_fn(model, micro, rows, normalizer)
-            (loss * W).backward()
-        total += float(loss.detach())
-        extras.append((rows, extra))
-    for _ in range(pad):
-        (dummy_forward(model, sub.input_ids) * 0.0 * W).backward()
-    if not mbs and not is_sharded(model):  # an empty share still joins DDP's all-reduce
-        (sum(p.sum() * 0 for p in model.parameters()) * W).backward()
-    gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    if isinstance(gnorm, DTensor):  # FSDP2: the global norm, replicated on every rank
-        gnorm = gnorm.full_tensor()
-    opt.step()
-    return total, float(gnorm), extras
-
-
-def _set_lr(opt, ocfg) -> None:
-    if ocfg is not None:
-        lr = warmup_lr(ocfg.lr, optimizer_steps(opt), ocfg.warmup_steps)
-        for group in opt.param_groups:
-            group["lr"] = lr
-
-
-def _train_minibatch_side(model, opt, sub, loss_fn, normalizer, grad_clip, budget, W, ocfg, side):
-    """``_train_minibatch`` with its backwards and optimiser step on the ``side`` thread."""
-    _set_lr(opt, ocfg)
-    opt.zero_grad(set_to_none=True)
-    mbs = _micro_batches(sub, budget)
     total, extras, pending = 0.0, [], None
     for i, rows in enumerate(mbs):
         micro = sub.take(rows)
         wait(pending)  # DDP: a forward must not prepare the reducer while a backward runs
         with no_sync(model, last=i == len(mbs) - 1):  # DDP decides at forward time whether to sync
             loss, extra = loss_fn(model, micro, rows, normalizer)
+            if side is None:
+                (loss * W).backward()
+            else:
+                pending = side.submit(lambda t=loss * W: t.backward())
         total += float(loss.detach())
         extras.append((rows, extra))
-        pending = side.submit(lambda t=loss * W: t.backward())
-    if not mbs:  # an empty share still joins DDP's all-reduce
-        pending = side.submit(lambda: (sum(p.sum() * 0 for p in model.parameters()) * W).backward())
+    for _ in range(pad):
+        (dummy_forward(model, sub.input_ids) * 0.0 * W).backward()
+    if not mbs and not is_sharded(model):  # an empty share still joins DDP's all-reduce
+        zero = lambda: (sum(p.sum() * 0 for p in model.parameters()) * W).backward()  # noqa: E731
+        pending = side.submit(zero) if side is not None else zero()
 
     def finish(prev=pending):
-        wait(prev)
-        gnorm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip))
+        wait(prev)  # a failed backward fails the update instead of stepping on partial grads
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        if isinstance(gnorm, DTensor):  # FSDP2: the global norm, replicated on every rank
+            gnorm = gnorm.full_tensor()
         opt.step()
-        return gnorm
+        return float(gnorm)
 
-    return total, side.submit(finish), extras
+    return total, (side.submit(finish) if side is not None else finish()), extras
 
 
 @dataclass(frozen=True)
@@ -344,7 +321,7 @@ def prm_phase(models: Models, batch: RolloutBatch, ctx: _Ctx) -> PrmOut:
 
     def prm_loss(model, micro, rows, normalizer, sub_rows):
         lp = token_logprobs(model, micro.input_ids, micro.attention_mask, 1.0, cdt)
-        r = wait(ref_job)[sub_rows][rows][:, : lp.shape[1]]
+        r = wait(ref_job)[torch.as_tensor(sub_rows)[rows]][:, : lp.shape[1]]
         loss = prm_ce_loss(lp, r, micro.mask, micro.outcome, pc.beta, normalizer=normalizer)
         return loss, implicit_process_rewards(lp.detach(), r, micro.mask)
 

@@ -20,6 +20,12 @@ The rule (η = ``async.max_staleness``, k = ``async.actor_lag``, B = ``batch.pro
    (buffered, or taken for the batch being built) or outstanding at once:
    room = (η − k + 1)·B − accepted. Before k was in the room, at η = 8 and k = 7 actors ran
    9 batches ahead and about half of all groups aged past η (measured, docs/results.md §5).
+   Accepted counts only groups a batch will train on (``usable_buffered``): the batch being
+   built takes B − taken more, each later version B, oldest first, and a buffered group whose
+   turn comes after it has aged past η (rule 2) holds no room. Counting such doomed groups
+   (at η = 1, the surplus of a version left over after its batch) made the actor start too
+   few fresh ones, so every other step waited a whole generation batch for data
+   (benchmarks/pipeline.py, 2026-12-08).
 4. The filter's share (``keep_rate``, ``AdmissionRule.budget``). The accuracy filter drops
    part of what is generated, so the budget handed to the actors is
    ⌈(room + z·√(room·(1 − p))) / p⌉: p is the recent keep rate (kept over kept + filtered +
@@ -47,7 +53,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 __all__ = ["KEEP_WARMUP", "KEEP_WINDOW", "MIN_KEEP_RATE", "AdmissionRule", "admit_total", "capacity_room",
-           "group_fate", "is_stale", "keep_rate", "version_admitted"]
+           "group_fate", "is_stale", "keep_rate", "usable_buffered", "version_admitted"]
 
 KEEP_WINDOW = 256    # groups in the keep-rate estimate [groups]
 KEEP_WARMUP = 16     # groups seen before the estimate is used [groups]
@@ -71,6 +77,30 @@ def is_stale(oldest_version: int, current_version: int, eta: int) -> bool:
 def capacity_room(eta: int, actor_lag: int, groups_per_step: int, accepted: int) -> int:
     """Rule 3: groups that may still be started, (η − k + 1)·B − ``accepted``, at least 0."""
     return max((eta - actor_lag + 1) * groups_per_step - accepted, 0)
+
+
+def usable_buffered(oldest_versions: Sequence[int], current_version: int, taken: int, eta: int,
+                    groups_per_step: int) -> int:
+    """Rule 3's accepted count for buffered groups: how many of them the coming batches train on.
+
+    Args: oldest_versions: [N] the buffered groups' oldest token versions, in buffer (FIFO)
+    order; current_version: the version the batch being built trains from; taken: groups it
+    already holds (``groups_per_step`` or more: it is complete, the next batch is at
+    ``current_version`` + 1); eta: η; groups_per_step: B.
+    Replays ``Ingest.next_batch``: batches take groups oldest first, B per version, and a group
+    that is stale (rule 2) at the version whose batch reaches it is dropped there, using no
+    room. Returns the number used (≤ N)."""
+    version, left, used = current_version, groups_per_step - taken, 0
+    if left <= 0:  # the batch being built is complete: the next one trains from the next version
+        version, left = current_version + 1, groups_per_step
+    for oldest in oldest_versions:
+        if left == 0:  # this batch is full: the rest go to the next version's
+            version, left = version + 1, groups_per_step
+        if is_stale(oldest, version, eta):
+            continue
+        left -= 1
+        used += 1
+    return used
 
 
 def keep_rate(recent: Sequence[int]) -> float:

@@ -20,8 +20,11 @@ Contract
   seconds it waited (the learner's wait-for-data time).
 - Admission (``AdmissionRule`` with B, ``async.admission: capacity``): the budget handed to
   the server (``server.set_admission``) is the rule's (``common.admission``, rules 3–4) for
-  accepted = buffered + already taken for the batch being built. It is renewed whenever a
-  group is accepted or taken and when the version advances. With admission the ``stale``
+  accepted = already taken for the batch being built + the buffered groups a batch will still
+  train on (not those that will have aged past η when their turn comes). It is renewed
+  whenever a group is accepted or taken and when the version advances; once a batch is
+  complete, the groups already received are taken into the buffer first, so that the budget
+  knows their versions. With admission the ``stale``
   backstop catches the variance of the filter and groups from actors that started before
   hearing of a new version.
 Not covered: credits and transport accounting (the server's), sharding to ranks.
@@ -36,7 +39,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from common.admission import KEEP_WINDOW, AdmissionRule, group_fate, is_stale, keep_rate
+from common.admission import KEEP_WINDOW, AdmissionRule, group_fate, is_stale, keep_rate, usable_buffered
 
 log = logging.getLogger(__name__)
 
@@ -105,18 +108,28 @@ class Ingest:
         self.max_buffered = max_buffered
         self.counts = collections.Counter()
         self._kept_recent: collections.deque = collections.deque(maxlen=KEEP_WINDOW)  # 1 kept, 0 filtered
+        self.version: int | None = None  # the version the last next_batch built a batch for
+        self._taken = 0                  # groups taken for it, as of the last update_admission
 
     def keep_rate(self) -> float:
         """Recent share of groups the filters keep (staleness aside): ``common.admission.keep_rate``."""
         return keep_rate(self._kept_recent)
 
-    def admission_budget(self, taken: int = 0) -> int | None:
-        """The rule's budget with accepted = buffered + ``taken`` (groups already taken for the
-        batch being built); None without a capacity bound."""
-        return self.rule.budget(len(self.buffer) + taken, self.keep_rate())
+    def admission_budget(self, taken: int | None = None) -> int | None:
+        """The rule's budget with accepted = ``taken`` (groups already taken for the batch
+        being built; default: as at the last update) + the buffered groups a batch will still
+        train on (``common.admission.usable_buffered`` at the version of the last
+        ``next_batch``; all of them before the first); None without a capacity bound."""
+        if not self.rule.capacity:
+            return None
+        taken = self._taken if taken is None else taken
+        usable = len(self.buffer) if self.version is None else usable_buffered(
+            [self.oldest_version(g) for g in self.buffer], self.version, taken, self.eta, self.rule.groups_per_step)
+        return self.rule.budget(usable + taken, self.keep_rate())
 
     def update_admission(self, taken: int = 0) -> None:
         """Hand the current budget to the server (if it takes one)."""
+        self._taken = taken
         budget = self.admission_budget(taken)
         setter = getattr(self.server, "set_admission", None)
         if budget is not None and setter is not None:
@@ -154,6 +167,7 @@ class Ingest:
         """n groups (oldest first) and the seconds spent waiting for them. Returns fewer
         only if ``should_stop()`` turns true while waiting."""
         t0 = time.perf_counter()
+        self.version = current_version
         out: list = []
         while len(out) < n:
             while self.buffer and len(out) < n:
@@ -168,8 +182,12 @@ class Ingest:
             env = self.server.recv_group(timeout=poll_s)
             if env is not None:
                 self._accept(env.body, current_version)
+        wait = time.perf_counter() - t0
+        if len(out) >= n:  # what has already arrived joins the buffer, so the budget sees its versions
+            while (env := self.server.recv_group(timeout=0)) is not None:
+                self._accept(env.body, current_version)
         self.update_admission(taken=len(out))  # until the next call: these n are spoken for
-        return out, time.perf_counter() - t0
+        return out, wait
 
     def metrics(self) -> dict[str, float]:
         m = {f"system/groups_{k}": float(v) for k, v in self.counts.items()}

@@ -15,6 +15,7 @@ from common.admission import (
     group_fate,
     is_stale,
     keep_rate,
+    usable_buffered,
     version_admitted,
 )
 
@@ -52,6 +53,47 @@ def test_budget_by_hand():
     z, room, p = 1.5, 7, 0.3
     assert AdmissionRule(eta=2, actor_lag=1, groups_per_step=5, slack=z).budget(3, p) == \
         math.ceil((room + z * math.sqrt(room * (1 - p))) / p)   # (2 − 1 + 1)·5 − 3 = 7
+
+
+def test_usable_buffered_by_hand():
+    # η = 1, B = 4, the batch at version 5 complete (taken 4): the next batch trains from 6,
+    # where version-4 groups are stale: the surplus of version 4 holds no room
+    assert usable_buffered([4, 4, 4, 5, 5], current_version=5, taken=4, eta=1, groups_per_step=4) == 2
+    # the batch at 5 still has 2 places: two version-4 groups fill them, the third is stale at 6
+    assert usable_buffered([4, 4, 4, 5, 5], current_version=5, taken=2, eta=1, groups_per_step=4) == 4
+    # η = 2: version 4 is still usable at 6, the fifth group goes to version 7's batch
+    assert usable_buffered([4, 4, 4, 4, 4, 5], current_version=5, taken=4, eta=2, groups_per_step=4) == 5
+    # η = 0 (synchronous): only the current version's groups, and only the places left
+    assert usable_buffered([5, 5, 5], current_version=5, taken=1, eta=0, groups_per_step=4) == 3
+    assert usable_buffered([5, 6], current_version=5, taken=4, eta=0, groups_per_step=4) == 1
+    assert usable_buffered([], current_version=0, taken=0, eta=1, groups_per_step=4) == 0
+
+
+def naive_intake_used(oldest, version, taken, eta, b):
+    """Ingest.next_batch played out literally: pop oldest first; a stale group is dropped;
+    a batch of b is trained at each version in turn (the first already holds ``taken``)."""
+    queue, used, batch = list(oldest), 0, min(taken, b)
+    if taken >= b:
+        version, batch = version + 1, 0
+    while queue:
+        o = queue.pop(0)
+        if version - o > eta:
+            continue
+        used, batch = used + 1, batch + 1
+        if batch == b:
+            version, batch = version + 1, 0
+    return used
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_usable_buffered_matches_the_intake_played_out(seed):
+    import random
+
+    rng = random.Random(seed)
+    eta, b, v = rng.randint(0, 3), rng.randint(1, 6), rng.randint(4, 9)
+    oldest = [v - rng.randint(0, eta + 2) + (rng.random() < 0.2) for _ in range(rng.randint(0, 20))]
+    taken = rng.randint(0, b)
+    assert usable_buffered(oldest, v, taken, eta, b) == naive_intake_used(oldest, v, taken, eta, b)
 
 
 def naive_admit_totals(budget, started, dropped, taken):

@@ -22,13 +22,14 @@ def test_budget_filter_backstop_and_buffer(link):
     ing = Ingest(srv, AdmissionRule(eta=1, groups_per_step=2), filter_low=0.2, filter_high=0.8)
     ing.update_admission()
     assert srv._admission_budget == 4  # (η + 1)·B = 2·2, nothing accepted yet
-    for g in (group("a", MIXED, 0), group("b", ALL_RIGHT, 0), group("c", MIXED, 0), group("d", MIXED, 0)):
+    for g in (group("a", MIXED, 0), group("b", ALL_RIGHT, 0), group("c", MIXED, 0)):
         assert cli.send_group(g, timeout=5)
     out, _ = ing.next_batch(2, current_version=0)
     assert [g.prompt_id for g in out] == ["a", "c"]  # b filtered (accuracy 1.0 > 0.8)
     assert (ing.counts["kept"], ing.counts["filtered"]) == (2, 1)
     assert srv._admission_budget == 2  # 4 - the 2 taken for this step; the filtered one used none
     # next step (version 1): d arrives, is kept and taken: 4 - 0 buffered - 1 taken = 3
+    assert cli.send_group(group("d", MIXED, 0), timeout=5)
     out, _ = ing.next_batch(1, current_version=1)
     assert [g.prompt_id for g in out] == ["d"] and srv._admission_budget == 3
     # a version-0 group arriving at version 2 is over η = 1: the backstop drops and counts it
@@ -48,6 +49,50 @@ def test_budget_filter_backstop_and_buffer(link):
     out, _ = ing.next_batch(1, current_version=3)
     assert [g.prompt_id for g in out] == ["g"] and len(ing.buffer) == 1
     assert srv._admission_budget == 4 - 1 - 1
+
+
+def _receive_all(srv, ing, n, version):
+    deadline = time.monotonic() + 10
+    while ing.counts["received"] < n and time.monotonic() < deadline:
+        env = srv.recv_group(timeout=0.2)
+        if env is not None:
+            ing._accept(env.body, version)
+    assert ing.counts["received"] == n
+
+
+def test_surplus_that_will_be_stale_holds_no_room(link):
+    """η = 1, B = 2: five version-0 groups buffered. After the batch at version 0 (a, c), x
+    and y still fit the batch at version 1, z's turn comes at version 2, where it is stale:
+    it holds no room. After the batch at version 1 nothing buffered is usable: the whole
+    room (η + 1)·B minus the batch taken is handed out again (it was 4 − 2 − 1 = 1 when every
+    buffered group counted, and every other step then waited for data)."""
+    srv, cli = link
+    ing = Ingest(srv, AdmissionRule(eta=1, groups_per_step=2), filter_low=0.2, filter_high=0.8)
+    for name in "acxyz":
+        assert cli.send_group(group(name, MIXED, 0), timeout=5)
+    _receive_all(srv, ing, 5, 0)
+    out, _ = ing.next_batch(2, current_version=0)
+    assert [g.prompt_id for g in out] == ["a", "c"] and len(ing.buffer) == 3
+    assert srv._admission_budget == 4 - 2 - 2 == ing.admission_budget()  # x and y usable at 1, z not
+    out, _ = ing.next_batch(2, current_version=1)
+    assert [g.prompt_id for g in out] == ["x", "y"] and len(ing.buffer) == 1
+    assert srv._admission_budget == 4 - 2
+    out, _ = ing.next_batch(1, current_version=2, poll_s=0.05, should_stop=lambda: True)
+    assert out == [] and ing.counts["stale"] == 1  # z, dropped where its turn came
+
+
+def test_groups_received_during_the_step_join_the_buffer_when_the_batch_is_complete(link):
+    """Once a batch is complete, what has already arrived is taken in (fate decided, counted),
+    so the budget sees it: a version-0 surplus after the batch at 0 fills the batch at 1."""
+    srv, cli = link
+    ing = Ingest(srv, AdmissionRule(eta=1, groups_per_step=2), filter_low=0.2, filter_high=0.8)
+    for name in "abcd":
+        assert cli.send_group(group(name, MIXED, 0), timeout=5)
+    time.sleep(0.5)  # all four on the learner's socket (loopback) before the batch is built
+    out, _ = ing.next_batch(2, current_version=0)
+    assert [g.prompt_id for g in out] == ["a", "b"]
+    assert [g.prompt_id for g in ing.buffer] == ["c", "d"] and ing.counts["received"] == 4
+    assert srv._admission_budget == 0  # (η + 1)·B = 4: 2 taken + c and d for version 1
 
 
 def test_without_groups_per_step_no_budget(link):

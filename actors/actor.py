@@ -58,6 +58,7 @@ Metrics (``client.send_metrics`` after each batch, also in the heartbeat): ``act
 ``actor/version_lag``, ``actor/policy_version``, ``actor/groups_sent``,
 ``actor/groups_dropped_verifier``, ``actor/prompts_skipped``, ``actor/weight_updates``,
 ``actor/verify_timeouts`` (verdicts that ran out of time, whatever they count as),
+``actor/cpu_s`` (CPU seconds so far of the actor process and its verifier workers),
 ``actor/lockstep_resyncs`` (deterministic mode: times the schedule was lost, e.g. by a restart),
 ``actor/learner_rejoins``, ``actor/groups_dropped_restart``.
 
@@ -85,6 +86,7 @@ from actors.process import load_newest
 from actors.prompts import PromptSource, split_reference, to_token_ids
 from actors.verifiers.verdict import is_error
 from common.lockstep import LockstepSchedule
+from common.placement import cpu_seconds
 from common.schema import Int32Vector, Response, TrajectoryGroup
 from common.transport import LearnerRestarted, ShutdownRequested
 
@@ -573,6 +575,7 @@ class Actor:
         m = {f"actor/{k}": float(v) for k, v in self.stats.items()}
         m["actor/tokens_per_s"] = float(getattr(self, "_last_tps", 0.0))
         m["actor/policy_version"] = float(self.engine.policy_version)
+        m["actor/cpu_s"] = cpu_seconds(getattr(self.pool, "worker_pids", list)())
         m["actor/version_lag"] = float(max(0, lv - self.engine.policy_version)) if lv is not None else 0.0
         if batch is not None:
             m["actor/batch_gen_s"] = batch.gen_s

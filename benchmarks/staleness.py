@@ -55,6 +55,11 @@ def run_figures(metrics: list[dict], evals: list[dict], skip: int, last_n: int) 
         "groups_received": metrics[-1].get("system/groups_received", 0.0),
         "actor_tokens_per_s": statistics.median(m.get("actor/tokens_per_s", 0.0) for m in steady),
     }
+    # CPU seconds per step: the learner's own (rank 0), the actors' with their verifier workers
+    if all("system/cpu_s" in m for m in steady[1:]):
+        out["learner_cpu_per_step"] = sum(m["system/cpu_s"] for m in steady[1:]) / (len(steady) - 1)
+    if "actor/cpu_s" in steady[0] and "actor/cpu_s" in steady[-1]:
+        out["actor_cpu_per_step"] = (steady[-1]["actor/cpu_s"] - steady[0]["actor/cpu_s"]) / (len(steady) - 1)
     if evals:
         tail = evals[-last_n:]
         out["acc_start"] = evals[0]["accuracy"]

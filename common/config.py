@@ -244,7 +244,7 @@ class AsyncConfig(_Section):
         description="How actors are admitted to start groups: 'capacity' = the version rule plus AReaL's capacity rule (at learner version v at most (η − actor_lag + v + 1)·B groups ever accepted or in flight, B = batch.prompts_per_step; over-stale drops become rare); 'version' = the version rule alone (actors generate freely; the learner drops what ages past η). [enum]",
     )
     admission_slack: float = Field(
-        0.0, ge=0.0, le=10.0, description="Capacity admission: standard deviations of the accuracy filter's binomial keep count added to the budget, so that a step's batch is rarely a few groups short and the learner waits for another generation round; surplus kept groups are buffered for the next step (and count against its room). 0 = the expected count. [standard deviations]"
+        0.0, ge=0.0, le=10.0, description="Capacity admission: standard deviations of the accuracy filter's binomial keep count added to the budget, so that a step's batch is rarely a few groups short and the learner waits for another generation round; surplus kept groups are buffered for the next step (and count against its room while a batch can still train on them; at η = 1 a version's surplus is stale after its batch and is dropped, at η ≥ 2 the next batch takes it). 0 = the expected count. [standard deviations]"
     )
     weight_sync: Literal["nccl", "gloo", "shm"] = Field(
         "shm", description="Weight-broadcast backend to the actors. [enum]"
@@ -338,7 +338,7 @@ class PlacementConfig(_Section):
     learner_cpus: str = Field("", description=f"{_CPUS} for the learner ranks, shared out among the local ranks; '' = where the OS puts them. [CPU list]")
     learner_threads: int | None = Field(None, ge=1, description="torch intra-op threads of one learner rank; None = one per CPU of its share, or torch's default (OMP_NUM_THREADS; launch/run.py sets 1) without one. [threads]")
     learner_nice: int = Field(0, ge=0, le=19, description="Niceness of the learner ranks (higher yields the CPU to others). [nice level]")
-    prm_thread: bool = Field(True, description="Run the PRM work that the policy update does not wait for on a second thread of each learner rank: the reference forward beside the PRM's forward, and (prime.prm_update=after) the PRM's backward and optimiser step beside the advantages and the policy update (learner/side_thread.py). Same results as in sequence; on CPUs it uses a second core. Off with model.parallel=fsdp2. [bool]")
+    prm_thread: bool = Field(True, description="Run the PRM work that the policy update does not wait for on a second thread of each learner rank: the reference forward beside the PRM's forward, and (prime.prm_update=after) the PRM's backward and optimiser step beside the advantages and the policy update (learner/side_thread.py). Same results as in sequence; on CPUs it uses a second core, so turn it off where the learner has no core of its own to spare (configs/tiny.yaml on 2 cores: learner and actor one core each). Off with model.parallel=fsdp2. [bool]")
     actor_cpus: str = Field("", description=f"{_CPUS} for the actor processes, shared out among actors.num; '' = where the OS puts them. [CPU list]")
     actor_threads: int | None = Field(1, ge=1, description="torch threads of one actor process (transformers engine, verification helpers); None = one per CPU of its share. [threads]")
     actor_nice: int = Field(0, ge=0, le=19, description="Niceness of the actor processes. [nice level]")

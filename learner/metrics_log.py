@@ -83,7 +83,7 @@ class MetricsLogger:
 
 # actor metrics summed over actors (rates, counters); every other actor/ metric is averaged
 _ACTOR_SUMS = ("actor/tokens_per_s", "actor/groups_sent", "actor/groups_dropped_verifier", "actor/groups_dropped_stop",
-               "actor/prompts_skipped", "actor/weight_updates", "actor/tokens")
+               "actor/prompts_skipped", "actor/weight_updates", "actor/tokens", "actor/cpu_s")
 
 
 def actor_metrics(info: dict[str, dict]) -> dict[str, float]:

@@ -195,7 +195,7 @@ class Learner:
     def train_step(self, groups: list | None = None) -> dict[str, float]:
         """One step: (rank 0) collect groups unless given, broadcast, PRIME step, publish."""
         cfg = self.cfg
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         wait = 0.0
         if self.rank == 0 and groups is None:
             groups, wait = self.ingest.next_batch(cfg.batch.prompts_per_step, self.policy_version)
@@ -210,6 +210,7 @@ class Learner:
         dt = time.perf_counter() - t0
         m["time/wait_data_s"] = wait
         m["time/step_s"] = dt
+        m["system/cpu_s"] = time.process_time() - cpu0  # this rank's process, every thread
         m["system/tokens_per_s"] = m["system/tokens"] / max(time.perf_counter() - t1, 1e-9)
         if self.ingest is not None:
             m.update(self.ingest.metrics())

@@ -184,6 +184,10 @@ class VerifierPool:
     def qsize(self) -> int:
         return self._queue.qsize()
 
+    def worker_pids(self) -> list[int]:
+        """Process ids of the current workers (a replaced worker's are gone)."""
+        return [w.proc.pid for w in list(self._workers) if w.proc.pid is not None]  # (a snapshot; no lock needed)
+
     def close(self) -> None:
         """Stop the workers; items not yet verified get an ``error`` verdict."""
         if self._closed.is_set():

@@ -83,6 +83,13 @@ def test_staleness_run_figures_hand_computed():
     ]
     evals = [{"accuracy": 0.5}, {"accuracy": 0.6}, {"accuracy": 0.7}, {"accuracy": 0.9}]
     f = fig(rows, evals, skip=1, last_n=2)
+    assert "learner_cpu_per_step" not in f and "actor_cpu_per_step" not in f  # (runs from before the CPU metrics)
+    for r, cpu, actor in zip(rows, (9.0, 1.5, 0.5, 2.5), (1.0, 2.0, 3.0, 6.0)):
+        r["system/cpu_s"], r["actor/cpu_s"] = cpu, actor
+    f = fig(rows, evals, skip=1, last_n=2)
+    # learner: steps after the first steady row, (0.5 + 2.5) / 2; actor: cumulative, (6 - 2) / 2
+    assert f["learner_cpu_per_step"] == pytest.approx(1.5, abs=1e-12)
+    assert f["actor_cpu_per_step"] == pytest.approx(2.0, abs=1e-12)
     # steady = rows 1..3: (11 - 7) / 2 steps = 2.0 s per step
     assert f["s_per_step"] == pytest.approx(2.0, abs=1e-12)
     # waits after the first steady row: (0.5 + 0.25) / 4 s = 0.1875
@@ -110,6 +117,17 @@ def test_pipeline_overlap_figures_hand_computed():
     assert f["bound"] == pytest.approx(2.0 / 1.5, abs=1e-12) and f["ratio"] == pytest.approx(1.0, abs=1e-12)
     with pytest.raises(ValueError, match="no learner compute"):
         of({"s_per_step": 2.0, "wait_data_share": 1.0}, {"s_per_step": 1.0, "wait_data_share": 0.0})
+    # the cores' bound: sync 2.0 s/step (Tgen 0.8, Ttrain 1.2), learner 1.8 + actor 0.8 CPU s per
+    # step on 2 cores -> an async step needs >= 1.3 s: bound 2.0 / 1.3, ratio (2.0 / 1.5) / (2.0 / 1.3)
+    sync = {"s_per_step": 2.0, "wait_data_share": 0.4, "learner_cpu_per_step": 1.8, "actor_cpu_per_step": 0.8}
+    f = of(sync, {"s_per_step": 1.5, "wait_data_share": 0.1}, cores=2)
+    assert f["t_cores"] == pytest.approx(1.3, abs=1e-12) and f["bound_cores"] == pytest.approx(2.0 / 1.3, abs=1e-12)
+    assert f["ratio_cores"] == pytest.approx(1.3 / 1.5, abs=1e-12) and f["bound"] == pytest.approx(2.0 / 1.2, abs=1e-12)
+    # each side on its own core (CPU = its busy time): the cores allow the overlap, the bounds agree
+    sync.update(learner_cpu_per_step=1.2, actor_cpu_per_step=0.8)
+    f = of(sync, {"s_per_step": 1.5, "wait_data_share": 0.1}, cores=2)
+    assert f["bound_cores"] == pytest.approx(f["bound"], abs=1e-12)
+    assert "t_cores" not in of({"s_per_step": 2.0, "wait_data_share": 0.4}, {"s_per_step": 1.5}, cores=2)
 
 
 def test_scaling_fairness_and_admission_excess_by_hand():

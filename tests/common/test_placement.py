@@ -78,3 +78,25 @@ def test_a_real_process_lands_where_it_is_told():
     assert got["affinity"] == cpus and got["threads"] == len(cpus)
     with pytest.raises(PlacementError, match="not available"):
         _placed_child([f"placement.evaluator_cpus={max(cpus) + 1000}"], "evaluator", 0, 1)
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="reads /proc (Linux)")
+def test_cpu_seconds_adds_a_helper_process_and_skips_a_gone_one():
+    """A child burns ~0.5 s of CPU and then sleeps: counting it adds about that (more than the
+    wall time it slept), and a process id that does not exist adds nothing."""
+    import time
+
+    from common.placement import cpu_seconds
+
+    burn = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.5: pass\nprint('done', flush=True)\ntime.sleep(30)"
+    child = subprocess.Popen([sys.executable, "-c", burn], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "done"
+        own = time.process_time()
+        both = cpu_seconds([child.pid])
+        assert 0.45 <= both - own <= 2.0, both - own  # the child's 0.5 s (+ its start-up)
+        gone = 2**22 + 1  # above Linux's largest pid_max: no such process
+        assert cpu_seconds([gone]) - time.process_time() == pytest.approx(0.0, abs=0.05)
+    finally:
+        child.kill()
+        child.wait()

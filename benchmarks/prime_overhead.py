@@ -1,7 +1,7 @@
 """PRIME's learner cost against outcome-only RLOO, side by side in one process, by phase.
 
     .venv/bin/python benchmarks/prime_overhead.py [--config configs/tiny.yaml] [--steps 12]
-        [--threads 1] [--groups 16] [--prompt-len 20] [--resp-len 48] [--sequential]
+        [--threads 1] [--groups 16] [--prompt-len 20] [--resp-len 48] [--both-prm-thread]
         [--rloo-threads N] [key=value ...]
 
 What runs: two real learners (``learner.trainer.Learner``: ``build_models`` and
@@ -20,7 +20,9 @@ loss.correction needs it), ``policy`` (policy forward/backward), ``prm_wait`` (t
 the step waiting for the PRM's update on the side thread, ``placement.prm_thread``: with it
 the ``prm`` phase is only the reference and PRM forwards, which run side by side, and the
 PRM's backward runs during ``policy``). The learner's time is their sum: the step's wall
-time. ``--sequential`` runs PRIME with ``placement.prm_thread=false`` as a third learner. Figures are medians over
+time. ``--both-prm-thread`` (or ``--sequential``) adds PRIME with ``placement.prm_thread``
+the other way from the config (off in configs/tiny.yaml since 2026-12-08) as a third
+learner. Figures are medians over
 the timed steps; the last line is ``ratio R`` = PRIME's learner seconds per step over
 RLOO's (the issue's goal: R ≤ 1.3).
 """
@@ -96,8 +98,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--groups", type=int, default=None, help="groups per step (default: batch.prompts_per_step)")
     ap.add_argument("--prompt-len", type=int, default=20, help="[tokens]")
     ap.add_argument("--resp-len", type=int, default=None, help="longest response (default: generation.max_tokens) [tokens]")
-    ap.add_argument("--sequential", action="store_true",
-                    help="also PRIME with placement.prm_thread=false (the phases in sequence)")
+    ap.add_argument("--both-prm-thread", "--sequential", dest="both_prm_thread", action="store_true",
+                    help="also PRIME with placement.prm_thread the other way from the config "
+                         "(prime-seq: the phases in sequence; prime-thread: the PRM's work on a side thread)")
     ap.add_argument("--rloo-threads", type=int, default=0,
                     help="also RLOO with this many torch threads (does a second core help it too?) [threads]")
     ap.add_argument("--output", help="write the figures here (JSON)")
@@ -120,8 +123,10 @@ def main(argv=None) -> dict:
     learners = {"prime": learner_for(args.config, overrides, tmp / "prime", []),
                 "rloo": learner_for(args.config, overrides, tmp / "rloo", ["prime.use_process_rewards=false"])}
     threads = {}  # torch threads of a learner other than --threads
-    if args.sequential:
-        learners["prime-seq"] = learner_for(args.config, overrides, tmp / "prime-seq", ["placement.prm_thread=false"])
+    if args.both_prm_thread:
+        name = "prime-thread" if not cfg.placement.prm_thread else "prime-seq"
+        learners[name] = learner_for(args.config, overrides, tmp / name,
+                                     [f"placement.prm_thread={str(not cfg.placement.prm_thread).lower()}"])
     if args.rloo_threads:
         name = f"rloo-{args.rloo_threads}t"
         learners[name] = learner_for(args.config, overrides, tmp / name, ["prime.use_process_rewards=false"])

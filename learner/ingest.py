@@ -22,9 +22,10 @@ Contract
   the server (``server.set_admission``) is the rule's (``common.admission``, rules 3–4) for
   accepted = already taken for the batch being built + the buffered groups a batch will still
   train on (not those that will have aged past η when their turn comes). It is renewed
-  whenever a group is accepted or taken and when the version advances; once a batch is
-  complete, the groups already received are taken into the buffer first, so that the budget
-  knows their versions. With admission the ``stale``
+  whenever a group is accepted or taken and when the version advances. Once a batch is
+  complete, the groups already received are taken from the server into ``arrived`` (not
+  judged: they are checked and given their fate in order at the next call, as if received
+  then), so that the budget knows their versions and outcomes. With admission the ``stale``
   backstop catches the variance of the filter and groups from actors that started before
   hearing of a new version.
 Not covered: credits and transport accounting (the server's), sharding to ranks.
@@ -108,6 +109,7 @@ class Ingest:
         self.max_buffered = max_buffered
         self.counts = collections.Counter()
         self._kept_recent: collections.deque = collections.deque(maxlen=KEEP_WINDOW)  # 1 kept, 0 filtered
+        self.arrived: collections.deque = collections.deque()  # received after a batch was complete, not judged yet
         self.version: int | None = None  # the version the last next_batch built a batch for
         self._taken = 0                  # groups taken for it, as of the last update_admission
 
@@ -117,14 +119,16 @@ class Ingest:
 
     def admission_budget(self, taken: int | None = None) -> int | None:
         """The rule's budget with accepted = ``taken`` (groups already taken for the batch
-        being built; default: as at the last update) + the buffered groups a batch will still
-        train on (``common.admission.usable_buffered`` at the version of the last
-        ``next_batch``; all of them before the first); None without a capacity bound."""
+        being built; default: as at the last update) + the buffered groups, and the arrived
+        ones the filters will keep, that a batch will still train on
+        (``common.admission.usable_buffered`` at the version of the last ``next_batch``; all
+        of them before the first); None without a capacity bound."""
         if not self.rule.capacity:
             return None
         taken = self._taken if taken is None else taken
-        usable = len(self.buffer) if self.version is None else usable_buffered(
-            [self.oldest_version(g) for g in self.buffer], self.version, taken, self.eta, self.rule.groups_per_step)
+        kept = self._kept_versions()
+        usable = len(kept) if self.version is None else usable_buffered(
+            kept, self.version, taken, self.eta, self.rule.groups_per_step)
         return self.rule.budget(usable + taken, self.keep_rate())
 
     def update_admission(self, taken: int = 0) -> None:
@@ -178,16 +182,39 @@ class Ingest:
                     out.append(g)
             if len(out) >= n or should_stop():
                 break
+            if self.arrived:  # received after the last batch was complete: judged now, in order
+                self._accept(self.arrived.popleft(), current_version)
+                continue
             self.update_admission(taken=len(out))
             env = self.server.recv_group(timeout=poll_s)
             if env is not None:
                 self._accept(env.body, current_version)
         wait = time.perf_counter() - t0
-        if len(out) >= n:  # what has already arrived joins the buffer, so the budget sees its versions
-            while (env := self.server.recv_group(timeout=0)) is not None:
-                self._accept(env.body, current_version)
+        if len(out) >= n:  # what has already arrived is taken in (not judged), so the budget sees its versions
+            for _ in range(max(self.max_buffered - len(self.arrived), 0)):  # (senders get credit back as it drains)
+                env = self.server.recv_group(timeout=0)
+                if env is None:
+                    break
+                self.arrived.append(env.body)
         self.update_admission(taken=len(out))  # until the next call: these n are spoken for
         return out, wait
+
+    def _kept_versions(self) -> list[int]:
+        """Oldest versions of the buffered groups, then of the arrived ones the filters will
+        keep (their fate but for staleness, which is judged at their turn; a group that
+        cannot be judged counts for nothing: it will be rejected)."""
+        out = [self.oldest_version(g) for g in self.buffer]
+        for g in self.arrived:
+            try:
+                o = self.oldest_version(g)
+                fate = group_fate([r.outcome_reward for r in g.responses],
+                                  any(r.finish_reason == "length" for r in g.responses), o, o, eta=self.eta,
+                                  low=self.low, high=self.high, drop_truncated=self.drop_truncated)
+            except (ValueError, TypeError, AttributeError):
+                continue
+            if fate == "kept":
+                out.append(o)
+        return out
 
     def metrics(self) -> dict[str, float]:
         m = {f"system/groups_{k}": float(v) for k, v in self.counts.items()}

@@ -124,6 +124,7 @@ class Learner:
             s["ingest_counts"] = dict(self.ingest.counts)
             s["ingest_rejected"] = dict(self.ingest.rejected)
             s["buffer"] = [bytes_to_tensor(schema.encode_group(g)) for g in self.ingest.buffer]
+            s["arrived"] = [bytes_to_tensor(schema.encode_group(g)) for g in self.ingest.arrived]  # not judged yet
         return s
 
     def save(self) -> Path | None:
@@ -151,7 +152,10 @@ class Learner:
             self.ingest.rejected.update(s.get("ingest_rejected", {}))
             for t in s.get("buffer", []):
                 self.ingest.buffer.append(schema.decode_group(tensor_to_bytes(t)))
-            self.ingest.update_admission()  # the restored buffer holds room
+            for t in s.get("arrived", []):
+                self.ingest.arrived.append(schema.decode_group(tensor_to_bytes(t)))
+            self.ingest.version = self.policy_version  # the next batch's: the restored buffer holds room
+            self.ingest.update_admission()
             c = self.ingest.counts
             lost, before = groups_lost_since(self.run_dir / "metrics.jsonl", self.step, c["received"])
             total = max(c["lost_in_restart"], before) + lost  # (no key at all while nothing was lost)

@@ -196,12 +196,13 @@ def test_credit_diagnosis_reads_problems_and_finds_the_slipped_step():
 def test_prime_overhead_side_by_side_on_the_shipped_policy(tmp_path):
     """benchmarks/prime_overhead.py, 2 timed steps: RLOO has no PRM phase, PRIME has one and
     costs more in all; both learners train (distinct runs, same groups)."""
-    out = _load("prime_overhead").main(["--steps", "2", "--warmup", "0", "--groups", "4", "--sequential",
+    out = _load("prime_overhead").main(["--steps", "2", "--warmup", "0", "--groups", "4", "--both-prm-thread",
                                         f"warmup.cache_dir={tmp_path / 'cache'}", "batch.prompts_per_step=4",
                                         "batch.policy_mini_batch=16", "batch.prm_mini_batch=16"])
     med = out["medians"]
-    assert set(med) == {"prime", "rloo", "prime-seq"}  # --sequential: placement.prm_thread=false as a third
-    assert med["prime-seq"]["prm"] > 1e-3 and len(out["steps"]["prime-seq"]) == 2
+    # configs/tiny.yaml runs the PRM's work in sequence: the third learner has the side thread
+    assert set(med) == {"prime", "rloo", "prime-thread"}
+    assert med["prime-thread"]["prm"] > 1e-3 and len(out["steps"]["prime-thread"]) == 2
     assert med["rloo"]["prm"] < 1e-3 < med["prime"]["prm"]  # RLOO: only the phase clock
     assert med["prime"]["policy"] > 0 and med["rloo"]["policy"] > 0
     assert out["ratio"] == pytest.approx(med["prime"]["learner"] / med["rloo"]["learner"])

@@ -81,18 +81,24 @@ def test_surplus_that_will_be_stale_holds_no_room(link):
     assert out == [] and ing.counts["stale"] == 1  # z, dropped where its turn came
 
 
-def test_groups_received_during_the_step_join_the_buffer_when_the_batch_is_complete(link):
-    """Once a batch is complete, what has already arrived is taken in (fate decided, counted),
-    so the budget sees it: a version-0 surplus after the batch at 0 fills the batch at 1."""
+def test_groups_received_during_the_step_are_counted_when_the_batch_is_complete(link):
+    """Once a batch is complete, what has already arrived is taken in without being judged,
+    so the budget sees it: of a version-0 surplus after the batch at 0, the groups the filter
+    will keep fill the batch at 1 (e, all right, will be filtered: it holds no room). They are
+    judged at the next call, in order, as if received then."""
     srv, cli = link
     ing = Ingest(srv, AdmissionRule(eta=1, groups_per_step=2), filter_low=0.2, filter_high=0.8)
-    for name in "abcd":
-        assert cli.send_group(group(name, MIXED, 0), timeout=5)
-    time.sleep(0.5)  # all four on the learner's socket (loopback) before the batch is built
+    for g in (group("a", MIXED, 0), group("b", MIXED, 0), group("c", MIXED, 0), group("e", ALL_RIGHT, 0),
+              group("d", MIXED, 0)):
+        assert cli.send_group(g, timeout=5)
+    time.sleep(0.5)  # all five on the learner's socket (loopback) before the batch is built
     out, _ = ing.next_batch(2, current_version=0)
-    assert [g.prompt_id for g in out] == ["a", "b"]
-    assert [g.prompt_id for g in ing.buffer] == ["c", "d"] and ing.counts["received"] == 4
+    assert [g.prompt_id for g in out] == ["a", "b"] and not ing.buffer
+    assert [g.prompt_id for g in ing.arrived] == ["c", "e", "d"] and ing.counts["received"] == 2
     assert srv._admission_budget == 0  # (η + 1)·B = 4: 2 taken + c and d for version 1
+    out, _ = ing.next_batch(2, current_version=1)
+    assert [g.prompt_id for g in out] == ["c", "d"] and not ing.arrived
+    assert (ing.counts["received"], ing.counts["filtered"]) == (5, 1)
 
 
 def test_without_groups_per_step_no_budget(link):

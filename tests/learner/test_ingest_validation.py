@@ -78,12 +78,20 @@ def test_the_buffer_and_the_counters_round_trip_through_a_checkpoint(learner, tm
     good = make_groups(7, seed=11, resp_len=(3, 6))
     for g in [*good, *hostile(seed=12, version=1).values()]:
         assert client.send_group(g, timeout=10)
-    learner.train_step()  # takes 4; receiving stops once it has them
+    learner.train_step()  # takes 4; receiving stops once it has them (what has arrived waits, unjudged)
+    while learner.ingest.arrived:
+        learner.ingest._accept(learner.ingest.arrived.popleft(), learner.policy_version)
     while learner.ingest.counts["received"] < 7 + len(hostile(seed=12, version=1)):
         env = learner.server.recv_group(timeout=5)  # the rest arrive as the next step would take them
         assert env is not None
         learner.ingest._accept(env.body, learner.policy_version)
     assert [g.prompt_id for g in learner.ingest.buffer] == [g.prompt_id for g in good[4:]]
+    # one more taken in after a batch was complete, not judged yet (Ingest.arrived): kept too
+    late = make_groups(1, seed=13, resp_len=(3, 6))[0]
+    assert client.send_group(late, timeout=10)
+    env = learner.server.recv_group(timeout=5)
+    assert env is not None
+    learner.ingest.arrived.append(env.body)
     counts, rejected = dict(learner.ingest.counts), dict(learner.ingest.rejected)
     path = learner.save()
     assert path is not None
@@ -93,13 +101,13 @@ def test_the_buffer_and_the_counters_round_trip_through_a_checkpoint(learner, tm
     assert [g.prompt_id for g in again.ingest.buffer] == [g.prompt_id for g in good[4:]]
     assert [r.token_ids.to_numpy().tolist() for g in again.ingest.buffer for r in g.responses] == \
            [r.token_ids.to_numpy().tolist() for g in good[4:] for r in g.responses]
+    assert [g.prompt_id for g in again.ingest.arrived] == [late.prompt_id]
     assert dict(again.ingest.counts) == counts and dict(again.ingest.rejected) == rejected
     assert sum(rejected.values()) == len(hostile(seed=12, version=1))
-    # the next step takes the three buffered groups first, then one new one
-    extra = make_groups(1, seed=13, resp_len=(3, 6))[0]
-    assert client.send_group(extra, timeout=10)
+    # the next step takes the three buffered groups first, then the arrived one, judged now
     groups, _ = again.ingest.next_batch(4, again.policy_version)
-    assert [g.prompt_id for g in groups] == [g.prompt_id for g in good[4:]] + [extra.prompt_id]
+    assert [g.prompt_id for g in groups] == [g.prompt_id for g in good[4:]] + [late.prompt_id]
+    assert again.ingest.counts["received"] == counts["received"] + 1
 
 
 def test_groups_the_dead_learner_received_after_its_checkpoint_are_counted_lost(tmp_path):

@@ -189,7 +189,7 @@ def _rank_main(rank, world, port, overrides, out_dir, parallel="ddp", kind="even
         overlap_world = overlap_ok(on_world, True)  # its all-reduce would race the policy's
         del on_world
         models.prm = torch.nn.parallel.DistributedDataParallel(models.prm, process_group=prm_group())
-    overlap = overlap_ok(models, True)  # placement.prm_thread is on in these runs
+    overlap = overlap_ok(models, cfg.placement.prm_thread)  # on in these runs (off in configs/tiny.yaml)
     batch = build_batch(_groups(kind))
     mine = batch.groups(shard_groups(batch.num_groups, rank, world))
     m = prime_step(models, mine, cfg, policy_version=0)
@@ -202,7 +202,7 @@ def _rank_main(rank, world, port, overrides, out_dir, parallel="ddp", kind="even
 
 @pytest.mark.parametrize("prm_update", ["after", "before"])
 def test_one_rank_and_two_ranks_agree(tmp_path, prm_update):
-    overrides = BASE + [f"prime.prm_update={prm_update}"]
+    overrides = BASE + [f"prime.prm_update={prm_update}", "placement.prm_thread=true"]
     cfg = load_config(ROOT / "configs" / "tiny.yaml", overrides)
     torch.set_num_threads(1)
     models = make_models(cfg)
@@ -230,7 +230,7 @@ def test_one_rank_and_two_ranks_agree(tmp_path, prm_update):
 def test_fsdp2_matches_one_rank(tmp_path, world, kind, prm_update):
     from learner.step import _micro_batches
 
-    overrides = BASE + [f"prime.prm_update={prm_update}", "optim.policy.grad_clip=0.05"]
+    overrides = BASE + [f"prime.prm_update={prm_update}", "optim.policy.grad_clip=0.05", "placement.prm_thread=true"]
     cfg = load_config(ROOT / "configs" / "tiny.yaml", overrides)
     torch.set_num_threads(1)
     batch = build_batch(_groups(kind))

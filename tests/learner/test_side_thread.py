@@ -53,7 +53,7 @@ def test_side_thread_gives_the_sequential_step_exactly(prm_update, extra):
 def test_the_work_runs_on_the_side_thread():
     """Reference forward and (prm_update=after) the PRM's backward run on the side thread;
     the policy's forward and backward and the PRM's forward on the caller's."""
-    cfg = _cfg("prime.prm_update=after")
+    cfg = _cfg("prime.prm_update=after", "placement.prm_thread=true")
     models = make_models(cfg)
     seen = {"ref_fwd": set(), "prm_fwd": set(), "prm_bwd": set(), "policy_bwd": set()}
 
@@ -80,7 +80,7 @@ def test_the_work_runs_on_the_side_thread():
 
 
 def test_an_error_on_the_side_thread_reaches_the_step():
-    cfg = _cfg("prime.prm_update=after")
+    cfg = _cfg("prime.prm_update=after", "placement.prm_thread=true")
     models = make_models(cfg)
 
     def broken(*a, **k):

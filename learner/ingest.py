@@ -219,6 +219,7 @@ class Ingest:
     def metrics(self) -> dict[str, float]:
         m = {f"system/groups_{k}": float(v) for k, v in self.counts.items()}
         m["system/groups_buffered"] = float(len(self.buffer))
+        m["system/groups_arrived"] = float(len(self.arrived))  # received, to be judged at the next batch
         m["system/ingest/rejected"] = float(sum(self.rejected.values()))
         for reason, n in self.rejected.items():
             m[f"system/ingest/rejected/{reason}"] = float(n)

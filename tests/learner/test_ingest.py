@@ -95,6 +95,7 @@ def test_groups_received_during_the_step_are_counted_when_the_batch_is_complete(
     out, _ = ing.next_batch(2, current_version=0)
     assert [g.prompt_id for g in out] == ["a", "b"] and not ing.buffer
     assert [g.prompt_id for g in ing.arrived] == ["c", "e", "d"] and ing.counts["received"] == 2
+    assert ing.metrics()["system/groups_arrived"] == 3.0
     assert srv._admission_budget == 0  # (η + 1)·B = 4: 2 taken + c and d for version 1
     out, _ = ing.next_batch(2, current_version=1)
     assert [g.prompt_id for g in out] == ["c", "d"] and not ing.arrived

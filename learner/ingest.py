@@ -153,10 +153,7 @@ class Ingest:
             self.rejected[reason] += 1
             log.warning("group %r rejected: %s", str(group.prompt_id)[:64], reason)
             return
-        fate = group_fate([r.outcome_reward for r in group.responses],
-                          any(r.finish_reason == "length" for r in group.responses), self.oldest_version(group),
-                          current_version, eta=self.eta, low=self.low, high=self.high,
-                          drop_truncated=self.drop_truncated)
+        fate = self._fate(group, self.oldest_version(group), current_version)
         self.counts[fate] += 1
         if fate != "stale":  # the keep rate is the filters' (staleness aside)
             self._kept_recent.append(1 if fate == "kept" else 0)
@@ -207,14 +204,19 @@ class Ingest:
         for g in self.arrived:
             try:
                 o = self.oldest_version(g)
-                fate = group_fate([r.outcome_reward for r in g.responses],
-                                  any(r.finish_reason == "length" for r in g.responses), o, o, eta=self.eta,
-                                  low=self.low, high=self.high, drop_truncated=self.drop_truncated)
+                fate = self._fate(g, o, o)  # judged as of its own version: never stale here
             except (ValueError, TypeError, AttributeError):
                 continue
             if fate == "kept":
                 out.append(o)
         return out
+
+    def _fate(self, group, oldest_version: int, current_version: int) -> str:
+        """``common.admission.group_fate`` of ``group`` with this intake's η and filters."""
+        return group_fate([r.outcome_reward for r in group.responses],
+                          any(r.finish_reason == "length" for r in group.responses), oldest_version,
+                          current_version, eta=self.eta, low=self.low, high=self.high,
+                          drop_truncated=self.drop_truncated)
 
     def metrics(self) -> dict[str, float]:
         m = {f"system/groups_{k}": float(v) for k, v in self.counts.items()}

@@ -17,6 +17,15 @@ def link():
         yield pair
 
 
+def _receive_all(srv, ing, n, version):
+    deadline = time.monotonic() + 10
+    while ing.counts["received"] < n and time.monotonic() < deadline:
+        env = srv.recv_group(timeout=0.2)
+        if env is not None:
+            ing._accept(env.body, version)
+    assert ing.counts["received"] == n
+
+
 def test_budget_filter_backstop_and_buffer(link):
     srv, cli = link
     ing = Ingest(srv, AdmissionRule(eta=1, groups_per_step=2), filter_low=0.2, filter_high=0.8)
@@ -40,24 +49,11 @@ def test_budget_filter_backstop_and_buffer(link):
     # surplus waits in the buffer and holds room: 4 - 1 buffered - 1 taken = 2 while it is built
     assert cli.send_group(group("g", MIXED, 3), timeout=5)
     assert cli.send_group(group("h", MIXED, 3), timeout=5)
-    deadline = time.monotonic() + 10
-    while ing.counts["received"] < 8 and time.monotonic() < deadline:
-        env = srv.recv_group(timeout=0.2)
-        if env is not None:
-            ing._accept(env.body, 3)
+    _receive_all(srv, ing, 8, 3)
     assert len(ing.buffer) == 2
     out, _ = ing.next_batch(1, current_version=3)
     assert [g.prompt_id for g in out] == ["g"] and len(ing.buffer) == 1
     assert srv._admission_budget == 4 - 1 - 1
-
-
-def _receive_all(srv, ing, n, version):
-    deadline = time.monotonic() + 10
-    while ing.counts["received"] < n and time.monotonic() < deadline:
-        env = srv.recv_group(timeout=0.2)
-        if env is not None:
-            ing._accept(env.body, version)
-    assert ing.counts["received"] == n
 
 
 def test_surplus_that_will_be_stale_holds_no_room(link):
